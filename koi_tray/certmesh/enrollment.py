@@ -1,0 +1,79 @@
+"""A join from arrival to answer: checks, then (only if the posture says so) a person.
+
+`enroll` runs the CA's checks, asks the decider under the request's own deadline without
+holding any lock, and records the member only on an `Approved` with an operator name.
+Every other ending (denied, timed out, a decider that raises or answers nonsense, the
+task cancelled at shutdown) refuses the join, releases the invite and is audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from koi_tray.certmesh.approval import Approved, Decider, Denied
+from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest, JoinResult, PendingJoin
+from koi_tray.certmesh.errors import ApprovalDenied, ApprovalTimeout, ApprovalUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Runner = Callable[..., Awaitable[Any]]
+
+
+async def run_in_thread(func: Callable[..., T], *args: Any) -> T:
+    """Run a blocking certmesh call in the loop's default executor."""
+    return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+
+async def enroll(
+    ca: CertificateAuthority,
+    join: JoinRequest,
+    decider: Decider | None,
+    *,
+    run: Runner = run_in_thread,
+) -> JoinResult:
+    """Take one join from its checks to a signed leaf, or to a refusal.
+
+    Raises:
+        CertmeshError: The first failed check, or ApprovalDenied / ApprovalTimeout /
+            ApprovalUnavailable. asyncio.CancelledError propagates after the join has
+            been refused and audited.
+    """
+    pending: PendingJoin = await run(ca.check_join, join)
+    request = pending.request
+    if not request.requires_approval:
+        return await run(ca.finish_join, pending, None)
+
+    if decider is None:
+        ca.abandon_join(pending, "enroll_approval_unavailable", "no approver is attached")
+        raise ApprovalUnavailable("joins need approval but no approver is attached to this CA")
+
+    timeout = request.seconds_left(ca.clock.now())
+    try:
+        decision = await asyncio.wait_for(decider(request), timeout)
+    except TimeoutError:
+        ca.abandon_join(pending, "enroll_approval_timeout", f"no decision within {timeout:.0f} s")
+        raise ApprovalTimeout(f"no one approved {request.hostname} in time") from None
+    except asyncio.CancelledError:
+        ca.abandon_join(pending, "enroll_approval_denied", "cancelled: the node is shutting down")
+        raise
+    except Exception as exc:
+        log.debug("approval decider raised for %s", request.hostname, exc_info=True)
+        ca.abandon_join(pending, "enroll_approval_denied", f"the approver failed: {exc!r}")
+        raise ApprovalDenied("the join was not approved (the approver failed)") from exc
+
+    if isinstance(decision, Approved) and isinstance(decision.operator, str):
+        operator = decision.operator.strip()
+        if operator:
+            return await run(ca.finish_join, pending, operator)
+        reason = "approved without an operator name"
+    elif isinstance(decision, Denied):
+        reason = decision.reason or "denied"
+    else:
+        reason = f"the approver answered {type(decision).__name__}, not a decision"
+
+    ca.abandon_join(pending, "enroll_approval_denied", reason)
+    raise ApprovalDenied(f"the join of {request.hostname} was denied: {reason}")

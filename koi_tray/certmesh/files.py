@@ -1,0 +1,112 @@
+"""Durable, private file writes for everything certmesh keeps on disk.
+
+Writes that matter go to a temporary file in the target's directory, are fsynced, renamed
+over the target and the directory is fsynced: a crash leaves the old file or the new one,
+never half of either. Secret files are created `0600` from their first byte (the mode is
+passed to `os.open`, never applied afterwards) and their directories `0700`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from koi_tray.certmesh.errors import CorruptState, StorageError
+
+PRIVATE_FILE = 0o600
+PUBLIC_FILE = 0o644
+PRIVATE_DIR = 0o700
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (and parents) as owner-only directories if missing."""
+    try:
+        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create directory {path}: {exc.strerror}") from exc
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry change (a rename or unlink) to disk where the OS allows."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
+    """Create `path` with `mode` from the first byte, write `data` and fsync it.
+
+    The file must not exist yet; this is the building block of the atomic writers.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file.
+
+    Raises:
+        StorageError: The directory is not writable, the disk is full, or the rename failed.
+            The original file is untouched in every case.
+    """
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write_new_file(temp, data, mode)
+        os.replace(temp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def atomic_write_json(path: Path, value: Any, mode: int = PRIVATE_FILE) -> None:
+    """Write `value` as pretty-printed JSON through `atomic_write`."""
+    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, text.encode("utf-8"), mode)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON state file, or None when it does not exist.
+
+    Raises:
+        CorruptState: The file exists but is not valid JSON; the message names the file.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptState(f"{path} is not valid JSON ({exc}); it was left as it is") from exc
+
+
+def preserve_corrupt_copy(path: Path, stamp: str) -> Path | None:
+    """Copy a damaged state file aside (`<name>.corrupt-<stamp>`) before anyone touches it."""
+    if not path.exists():
+        return None
+    copy = path.with_name(f"{path.name}.corrupt-{stamp}")
+    if not copy.exists():
+        write_new_file(copy, path.read_bytes(), PRIVATE_FILE)
+    return copy

@@ -1,0 +1,1 @@
+"""Desktop host: tray backends, icons, menu, dialogs."""
