@@ -222,6 +222,7 @@ class Membership:
         *,
         ca_host: str,
         ca_http_port: int,
+        ca_mtls_port: int = DEFAULT_MTLS_PORT,
         pinned_fingerprint: str,
         sans: list[str],
     ) -> Membership:
@@ -238,6 +239,7 @@ class Membership:
             sans=tuple(sans),
             policy=CertPolicy.from_json(response.get("policy")),
             ca_http_port=ca_http_port,
+            ca_mtls_port=ca_mtls_port,
         )
         cert, ca_cert = check_issued_leaf(
             state, key, str(response.get("service_cert", "")), str(response.get("ca_cert", ""))

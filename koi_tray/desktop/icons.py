@@ -104,6 +104,16 @@ def icon_png_bytes(state: IconState, pending: int = 0, size: int = 64) -> bytes:
     return buffer.getvalue()
 
 
+def badge_label(pending: int) -> str:
+    """Return the text the badge shows for `pending` approvals: "" for none, "9+" above nine.
+
+    Menus and tooltips use it too, so they count the same way the icon does.
+    """
+    if pending <= 0:
+        return ""
+    return "9+" if pending >= BADGE_CAP else str(pending)
+
+
 def _check_size(size: int) -> None:
     if size < MIN_SIZE:
         raise ValueError(f"icon size must be at least {MIN_SIZE} px, got {size}")
@@ -124,8 +134,9 @@ def _render_cached(state: IconState, pending: int, size: int) -> Image.Image:
         else:
             canvas.koi(_WHITE)
 
-    if pending:
-        canvas.badge("9+" if pending >= BADGE_CAP else str(pending))
+    label = badge_label(pending)
+    if label:
+        canvas.badge(label)
 
     logger.debug("rendered %s icon, %s px, badge %s", state.value, size, pending)
     return canvas.finish()

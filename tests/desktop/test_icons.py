@@ -14,7 +14,13 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 from koi_tray.desktop import icons
-from koi_tray.desktop.icons import IconState, icon_png_bytes, render_app_icon, render_icon
+from koi_tray.desktop.icons import (
+    IconState,
+    badge_label,
+    icon_png_bytes,
+    render_app_icon,
+    render_icon,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TRAY_SIZES = (16, 22, 32, 64)
@@ -120,6 +126,13 @@ def test_badge_paints_only_the_corner(size: int) -> None:
     families = Counter(colour_family(p[:3]) for p in rgba_pixels(badged.crop(corner)) if p[3] > 200)
     assert families["red"] > 0
     assert families["white"] > 0
+
+
+@pytest.mark.parametrize(
+    ("pending", "label"), [(0, ""), (1, "1"), (9, "9"), (10, "9+"), (250, "9+")]
+)
+def test_badge_label_counts_to_nine_plus(pending: int, label: str) -> None:
+    assert badge_label(pending) == label
 
 
 def test_badge_caps_at_nine_plus() -> None:
