@@ -31,7 +31,7 @@ from koi_tray.certmesh.errors import (
 )
 from koi_tray.certmesh.invites import split_code
 from koi_tray.certmesh.leafstore import LeafStore
-from koi_tray.certmesh.member import DEFAULT_HTTP_PORT, Membership, MemberState
+from koi_tray.certmesh.member import DEFAULT_HTTP_PORT, DEFAULT_MTLS_PORT, Membership, MemberState
 
 log = logging.getLogger(__name__)
 
