@@ -99,9 +99,14 @@ async def _json_answer(response: aiohttp.ClientResponse) -> dict[str, Any]:
 
 
 async def fetch_json(
-    method: str, url: str, *, body: object = None, headers: dict[str, str] | None = None,
-    ssl_context: ssl.SSLContext | None = None, timeout: float = REQUEST_TIMEOUT,
-) -> dict[str, Any]:  # fmt: skip
+    method: str,
+    url: str,
+    *,
+    body: object = None,
+    headers: dict[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = REQUEST_TIMEOUT,
+) -> dict[str, Any]:
     """Make one request and return its JSON object, with Koi errors re-raised typed.
 
     Raises:

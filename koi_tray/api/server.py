@@ -210,9 +210,12 @@ def build_mtls_app(node: NodeService) -> web.Application:
         body = await read_json_object(request)
         ca = require_ca(node.ca)
         result = await run_in_thread(
-            ca.renew_member, peer.common_name, peer.fingerprint, body.get("hostname"),
+            ca.renew_member,
+            peer.common_name,
+            peer.fingerprint,
+            body.get("hostname"),
             body.get("csr"),
-        )  # fmt: skip
+        )
         return web.json_response(result.to_json())
 
     @routes.post(f"{PREFIX}/health")

@@ -1,8 +1,9 @@
 """The append-only audit log, in Koi's line format with every value escaped.
 
 A line is `<UTC second>Z | <event> | key=value | key=value`. Values are escaped so that
-no operator name, reason or hostname can add a field or a line: backslash, `|`, `=`
-and control characters become backslash escapes.
+no operator name, reason or hostname can add a field or a line: backslash, `|`, `=`,
+control characters, line separators and lone surrogates (which UTF-8 cannot encode)
+become backslash escapes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def escape_value(value: object) -> str:
             out.append(_ESCAPES[char])
         elif ord(char) < 0x20 or ord(char) == 0x7F or 0x80 <= ord(char) < 0xA0:
             out.append(f"\\x{ord(char):02x}")
-        elif char in ("\u2028", "\u2029", "\x85"):
+        elif char in ("\u2028", "\u2029") or 0xD800 <= ord(char) <= 0xDFFF:
             out.append(f"\\u{ord(char):04x}")
         else:
             out.append(char)

@@ -125,10 +125,11 @@ def verify_bundle(signed: object, pinned_fp: str, last_seq: int | None) -> Verif
         raise BundleRejected(f"trust bundle seq {seq} is older than the last seen {last_seq}")
 
     try:
-        revoked = tuple(str(r["hostname"]) for r in bundle.get("revoked", []))
-        revoked += tuple(
+        names = [str(r["hostname"]) for r in bundle.get("revoked", [])]
+        names += [
             str(m["hostname"]) for m in bundle.get("members", []) if m.get("status") == "revoked"
-        )
+        ]
+        revoked = tuple(dict.fromkeys(name.lower() for name in names))
         issued_at = parse_timestamp(bundle["issued_at"])
         member_count = len(bundle.get("members", []))
     except (KeyError, TypeError, AttributeError, InvalidPayload) as exc:

@@ -157,6 +157,7 @@ class CertificateAuthority:
         self.ca_fingerprint = pki.fingerprint(self.ca_cert)
         self.ca_cert_pem = pki.cert_to_pem(self.ca_cert).decode()
         self.locked_reason: str | None = "the CA key is locked; unlock it with the passphrase"
+        self.auto_unlock_problem: str | None = None
         self._roster = roster
         self._key: ec.EllipticCurvePrivateKey | None = None
         self._lock = threading.RLock()
@@ -222,9 +223,13 @@ class CertificateAuthority:
             ca_fingerprint=ca.ca_fingerprint,
         )
         if posture.auto_unlock:
-            why = keystore.store_auto_unlock(ca.ca_fingerprint, passphrase)
-            if why:
-                log.warning("CA %s: auto-unlock not set up: %s", ca.ca_fingerprint[:16], why)
+            ca.auto_unlock_problem = keystore.store_auto_unlock(ca.ca_fingerprint, passphrase)
+            if ca.auto_unlock_problem:
+                log.warning(
+                    "CA %s: auto-unlock not set up: %s",
+                    ca.ca_fingerprint[:16],
+                    ca.auto_unlock_problem,
+                )
         log.info("created certmesh CA %s on %s", ca.ca_fingerprint[:16], hostname)
         return ca
 
@@ -491,9 +496,14 @@ class CertificateAuthority:
 
                 now = self.clock.now()
                 cert = pki.issue_leaf(
-                    key, self.ca_cert, pending.csr.public_key(), hostname,
-                    list(pending.sans), now, roster.policy.lifetime,
-                )  # fmt: skip
+                    key,
+                    self.ca_cert,
+                    pending.csr.public_key(),
+                    hostname,
+                    list(pending.sans),
+                    now,
+                    roster.policy.lifetime,
+                )
                 member = RosterMember(
                     hostname=hostname,
                     role=ROLE_PRIMARY if not roster.members else ROLE_MEMBER,
@@ -578,9 +588,14 @@ class CertificateAuthority:
 
             now = self.clock.now()
             cert = pki.issue_leaf(
-                key, self.ca_cert, checked.csr.public_key(), member.hostname,
-                list(member.cert_sans), now, roster.policy.lifetime,
-            )  # fmt: skip
+                key,
+                self.ca_cert,
+                checked.csr.public_key(),
+                member.hostname,
+                list(member.cert_sans),
+                now,
+                roster.policy.lifetime,
+            )
             renewed = replace(
                 member,
                 previous_cert_fingerprint=member.cert_fingerprint,
@@ -640,9 +655,14 @@ class CertificateAuthority:
             roster = self._roster
             now = self.clock.now()
             cert = pki.issue_leaf(
-                key, self.ca_cert, leaf_key.public_key(), self.hostname, sans, now,
+                key,
+                self.ca_cert,
+                leaf_key.public_key(),
+                self.hostname,
+                sans,
+                now,
                 roster.policy.lifetime,
-            )  # fmt: skip
+            )
             old = roster.find(self.hostname)
             entry = RosterMember(
                 hostname=self.hostname,

@@ -273,8 +273,11 @@ class Membership:
         self.save(change.state)
         self.leaf_store.write_ca(pki.load_cert_pem(verified.ca_cert_pem))
         if change.newly_revoked:
-            log.warning("trust bundle seq %d says this node (%s) is revoked", verified.seq,
-                        self.state.hostname)  # fmt: skip
+            log.warning(
+                "trust bundle seq %d says this node (%s) is revoked",
+                verified.seq,
+                self.state.hostname,
+            )
         return change
 
     def install_renewal(
@@ -288,10 +291,13 @@ class Membership:
         if not isinstance(response, dict):
             raise RenewalFailed("the CA's renew response is not a JSON object")
         cert, ca_cert = check_issued_leaf(
-            self.state, key, str(response.get("service_cert", "")),
+            self.state,
+            key,
+            str(response.get("service_cert", "")),
             str(response.get("ca_cert", "")),
-        )  # fmt: skip
+        )
         self.leaf_store.install(key, cert, ca_cert)
-        log.info("installed renewed leaf for %s until %s", self.state.hostname,
-                 cert.not_valid_after_utc)  # fmt: skip
+        log.info(
+            "installed renewed leaf for %s until %s", self.state.hostname, cert.not_valid_after_utc
+        )
         return cert

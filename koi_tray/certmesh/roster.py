@@ -107,10 +107,19 @@ class RosterMember:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> RosterMember:
         known = {
-            "hostname", "role", "enrolled_at", "cert_fingerprint", "cert_expires",
-            "cert_sans", "status", "enrolled_by", "last_seen", "pinned_ca_fingerprint",
-            "reload_hook", "previous_cert_fingerprint",
-        }  # fmt: skip
+            "hostname",
+            "role",
+            "enrolled_at",
+            "cert_fingerprint",
+            "cert_expires",
+            "cert_sans",
+            "status",
+            "enrolled_by",
+            "last_seen",
+            "pinned_ca_fingerprint",
+            "reload_hook",
+            "previous_cert_fingerprint",
+        }
         last_seen = raw.get("last_seen")
         return cls(
             hostname=str(raw["hostname"]),

@@ -84,11 +84,17 @@ async def join_mesh(
     answer = await send_join(plan)
     return await run_in_thread(
         lambda: Membership.install_join(
-            data, clock, plan.key, answer, ca_host=endpoint.host,
-            ca_http_port=endpoint.port, ca_mtls_port=plan.mtls_port,
-            pinned_fingerprint=plan.pin, sans=plan.sans,
+            data,
+            clock,
+            plan.key,
+            answer,
+            ca_host=endpoint.host,
+            ca_http_port=endpoint.port,
+            ca_mtls_port=plan.mtls_port,
+            pinned_fingerprint=plan.pin,
+            sans=plan.sans,
         )
-    )  # fmt: skip
+    )
 
 
 def link_for(membership: Membership) -> HttpCaLink:

@@ -35,7 +35,7 @@ class DataDirLock:
         except OSError as exc:
             os.close(fd)
             raise NodeAlreadyRunning(
-                f"another koi-tray node is already running for {self.path.parent}"
+                f"another koi-tray node is already running for {self.path.parent.resolve()}"
             ) from exc
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

@@ -92,9 +92,12 @@ class Node:
         self.pump = ApprovalPump(decider, config.max_concurrent_approvals, self._changed)
         self.status = StatusStore(self._build_snapshot)
         self.renewal = RenewalLoop(
-            self._run_pass, RenewalRecord(self.data.certmesh / "renewal.json"), self.clock,
-            interval=config.renewal_interval, on_result=self._after_pass,
-        )  # fmt: skip
+            self._run_pass,
+            RenewalRecord(self.data.certmesh / "renewal.json"),
+            self.clock,
+            interval=config.renewal_interval,
+            on_result=self._after_pass,
+        )
         self._lock = DataDirLock(self.data.lock_file)
         self._runners: dict[str, web.AppRunner] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
@@ -129,6 +132,12 @@ class Node:
             await self.shutdown()
             raise
         log.info("%s node %s started (%s)", self.role, self.config.hostname, self.config.host_kind)
+        self.status.refresh()
+
+    async def open_offline(self) -> None:
+        """Load the role and leaf without servers or tasks (the CLI, under its own lock)."""
+        await run_in_thread(self.data.prepare)
+        await self._load_role()
         self.status.refresh()
 
     async def _load_role(self) -> None:
@@ -169,8 +178,9 @@ class Node:
         if exc is not None:
             log.error("background task %s stopped: %r", task.get_name(), exc, exc_info=exc)
 
-    async def _start_site(self, name: str, app: web.Application, bind: str, port: int,
-                          ssl_context: Any = None) -> None:  # fmt: skip
+    async def _start_site(
+        self, name: str, app: web.Application, bind: str, port: int, ssl_context: Any = None
+    ) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, bind, port, ssl_context=ssl_context, shutdown_timeout=1.0)
@@ -214,8 +224,10 @@ class Node:
         try:
             await asyncio.wait_for(self._stop_stages(), self.config.shutdown_timeout)
         except TimeoutError:
-            log.error("shutdown took longer than %.0f s; giving up on the rest",
-                      self.config.shutdown_timeout)  # fmt: skip
+            log.error(
+                "shutdown took longer than %.0f s; giving up on the rest",
+                self.config.shutdown_timeout,
+            )
         finally:
             self._release_files()
             if self._stopped is not None and not self._stopped.done():
@@ -310,13 +322,20 @@ class Node:
 
     # -- actions the tray and the CLI ask a running node for --------------------------------
 
-    async def create_ca(self, passphrase: str, preset: str, operator: str | None,
-                        **overrides: bool | None) -> None:  # fmt: skip
+    async def create_ca(
+        self, passphrase: str, preset: str, operator: str | None, **overrides: bool | None
+    ) -> None:
         posture = actions.posture_for(preset, **overrides)
         self.ca = await run_in_thread(
-            actions.create_ca, self.data, self.config.hostname, passphrase, posture, operator,
-            self.clock, self.kdf,
-        )  # fmt: skip
+            actions.create_ca,
+            self.data,
+            self.config.hostname,
+            passphrase,
+            posture,
+            operator,
+            self.clock,
+            self.kdf,
+        )
         await self._ensure_mtls()
         self.renewal.wake()
         self.status.refresh()
@@ -354,9 +373,11 @@ class Node:
 
     async def _reload_leaf(self) -> None:
         store = self.ca.leaf_store if self.ca else (self.membership and self.membership.leaf_store)
-        policy = self.ca.roster.policy if self.ca else (
-            self.membership.state.policy if self.membership else None
-        )  # fmt: skip
+        policy = (
+            self.ca.roster.policy
+            if self.ca
+            else (self.membership.state.policy if self.membership else None)
+        )
         if store is None or policy is None:
             self._leaf = None
             return
@@ -389,9 +410,13 @@ class Node:
         leaf = self._leaf
         if leaf is not None:
             leaf = LeafView(
-                leaf.hostname, leaf.fingerprint, leaf.not_after, leaf.due_at,
-                max(0, (leaf.not_after - now) // dt.timedelta(days=1)), leaf.not_after <= now,
-            )  # fmt: skip
+                leaf.hostname,
+                leaf.fingerprint,
+                leaf.not_after,
+                leaf.due_at,
+                max(0, (leaf.not_after - now) // dt.timedelta(days=1)),
+                leaf.not_after <= now,
+            )
         return NodeSnapshot(
             role=self.role,
             hostname=self.config.hostname,
@@ -421,12 +446,16 @@ class Node:
     def _bundle_view(self) -> BundleView | None:
         if self.ca is not None:
             roster = self.ca.roster
-            return BundleView(roster.seq, self.clock.now(), False, len(roster.revocations))
+            return BundleView(roster.seq, None, False, len(roster.revocations))
         if self.membership is None:
             return None
         state = self.membership.state
-        return BundleView(state.last_bundle_seq, state.last_bundle_at, state.self_revoked,
-                          len(state.revoked_hostnames))  # fmt: skip
+        return BundleView(
+            state.last_bundle_seq,
+            state.last_bundle_at,
+            state.self_revoked,
+            len(state.revoked_hostnames),
+        )
 
     def _ca_view(self) -> CaView | None:
         ca = self.ca

@@ -163,24 +163,29 @@ async def member_pass(
 
     seq = change.state.last_bundle_seq
     if change.state.self_revoked:
-        return PassResult(now, "revoked", "the CA has revoked this node", bundle_seq=seq,
-                          bundle_updated=change.updated)  # fmt: skip
+        return PassResult(
+            now,
+            "revoked",
+            "the CA has revoked this node",
+            bundle_seq=seq,
+            bundle_updated=change.updated,
+        )
 
     leaf = await run_in_thread(membership.leaf)
     if leaf is None:
         return PassResult(now, "failed", "no certificate installed", bundle_seq=seq)
     due = due_at(leaf.cert, membership.state.policy)
     if not force and now < due:
-        return PassResult(now, "not_due", "", due_at=due, bundle_seq=seq,
-                          bundle_updated=change.updated)  # fmt: skip
+        return PassResult(
+            now, "not_due", "", due_at=due, bundle_seq=seq, bundle_updated=change.updated
+        )
 
     request = new_renewal_request(membership.state)
     try:
         answer = await link.renew(request.csr_pem)
         cert = await run_in_thread(membership.install_renewal, request.key, answer)
     except CaUnreachable as exc:
-        return PassResult(now, "failed", f"CA unreachable: {exc}", bundle_seq=seq,
-                          reachable=False)  # fmt: skip
+        return PassResult(now, "failed", f"CA unreachable: {exc}", bundle_seq=seq, reachable=False)
     except Revoked as exc:
         await run_in_thread(membership.save, replace(membership.state, self_revoked=True))
         return PassResult(now, "revoked", str(exc), bundle_seq=seq)
@@ -190,8 +195,15 @@ async def member_pass(
     hook = None
     if membership.state.reload_hook:
         hook = await run_in_thread(run_reload_hook, membership.state.reload_hook, hook_timeout)
-    return PassResult(now, "renewed", "", expires=cert.not_valid_after_utc, hook=hook,
-                      bundle_seq=seq, bundle_updated=change.updated)  # fmt: skip
+    return PassResult(
+        now,
+        "renewed",
+        "",
+        expires=cert.not_valid_after_utc,
+        hook=hook,
+        bundle_seq=seq,
+        bundle_updated=change.updated,
+    )
 
 
 async def ca_pass(ca: CertificateAuthority, clock: Clock, force: bool = False) -> PassResult:
@@ -262,8 +274,12 @@ class RenewalLoop:
     def _log(self, result: PassResult) -> None:
         view = self.record.view
         if result.outcome == "failed":
-            log.warning("renewal pass failed (%d in a row): %s; next try at %s",
-                        view.consecutive_failures, result.detail, view.next_check_at)  # fmt: skip
+            log.warning(
+                "renewal pass failed (%d in a row): %s; next try at %s",
+                view.consecutive_failures,
+                result.detail,
+                view.next_check_at,
+            )
         elif result.outcome == "renewed":
             log.info("renewed this node's certificate until %s", result.expires)
         elif result.outcome == "revoked":

@@ -1,0 +1,60 @@
+"""Headless hosting: `koi-tray serve` runs the node on a plain asyncio loop until a signal.
+
+The tray host (koi_tray.desktop) builds the very same `Node`; only the decider and the
+loop differ. Alerts that the tray would show as notifications are logged here instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from koi_tray.certmesh.approval import Decider
+from koi_tray.compose.config import NodeConfig
+from koi_tray.compose.node import Node
+from koi_tray.compose.status import NodeSnapshot, alerts_between
+
+log = logging.getLogger(__name__)
+
+
+def log_alerts(new: NodeSnapshot, old: NodeSnapshot | None) -> None:
+    """Log, once each, what the tray would announce as a notification."""
+    for alert in alerts_between(old, new):
+        level = logging.INFO if alert.kind == "approval_requested" else logging.WARNING
+        log.log(level, "%s: %s", alert.title, alert.body)
+
+
+def install_stop_signals(node: Node) -> list[asyncio.Task[None]]:
+    """Make SIGINT and SIGTERM start the node's ordered shutdown (POSIX loops only)."""
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stopping.append(loop.create_task(node.shutdown(), name="shutdown"))
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, on_signal, signum)
+    return stopping
+
+
+async def serve(config: NodeConfig, decider: Decider, passphrase: str | None = None) -> int:
+    """Run a headless node until SIGINT or SIGTERM; return the exit status."""
+    node = Node(config, decider)
+    node.status.subscribe(log_alerts)
+    await node.start()
+    stopping = install_stop_signals(node)
+    if node.ca is not None and node.ca.locked:
+        if passphrase is not None:
+            await node.unlock(passphrase)
+        else:
+            log.warning(
+                "the CA is locked (%s); run 'koi-tray certmesh unlock'", node.ca.locked_reason
+            )
+    await node.wait_stopped()
+    for task in stopping:
+        await task
+    return 0
