@@ -64,6 +64,8 @@ async def read_json_object(request: web.Request) -> dict[str, object]:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidPayload(f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidPayload("the body is JSON nested too deeply") from exc
     if not isinstance(value, dict):
         raise InvalidPayload("the body must be a JSON object")
     return value

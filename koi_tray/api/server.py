@@ -22,11 +22,11 @@ from typing import Any, Protocol
 from aiohttp import web
 from cryptography import x509
 
-from koi_tray.api.errors import json_errors, read_json_object
+from koi_tray.api.errors import Handler, json_errors, read_json_object
 from koi_tray.certmesh import pki
 from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest, JoinResult, require_ca
 from koi_tray.certmesh.enrollment import run_in_thread
-from koi_tray.certmesh.errors import InvalidPayload, Unauthorized
+from koi_tray.certmesh.errors import InvalidPayload, PayloadTooLarge, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,17 @@ def _string(body: dict[str, object], key: str, required: bool = True) -> str | N
     return value
 
 
+@web.middleware
+async def body_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a declared body over the limit on every route, whether it reads it or not."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+    return await handler(request)
+
+
 def build_http_app(node: NodeService) -> web.Application:
     """Build the plain-HTTP app (Koi's port 5641)."""
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[json_errors, body_limit], client_max_size=MAX_BODY_BYTES)
     routes = web.RouteTableDef()
 
     @routes.get(f"{PREFIX}/status")
@@ -116,7 +124,10 @@ def build_http_app(node: NodeService) -> web.Application:
         ttl_mins = body.get("ttl_mins", 0)
         if not isinstance(ttl_mins, int) or isinstance(ttl_mins, bool):
             raise InvalidPayload("'ttl_mins' must be an integer")
-        ttl = None if ttl_mins <= 0 else dt.timedelta(minutes=ttl_mins)
+        try:
+            ttl = None if ttl_mins <= 0 else dt.timedelta(minutes=ttl_mins)
+        except OverflowError as exc:
+            raise InvalidPayload("'ttl_mins' is far too large") from exc
         minted = await run_in_thread(ca.mint_invite, body.get("hostname"), ttl)
         return web.json_response(
             {
@@ -139,6 +150,7 @@ def build_http_app(node: NodeService) -> web.Application:
 
     async def set_enrollment(request: web.Request, open_: bool) -> web.Response:
         _require_token(request, node.token)
+        await read_json_object(request)
         ca = require_ca(node.ca)
         await run_in_thread(ca.set_enrollment, open_)
         return web.json_response({"enrollment_state": "open" if open_ else "closed"})
@@ -201,7 +213,7 @@ def peer_identity(request: web.Request) -> PeerIdentity:
 
 def build_mtls_app(node: NodeService) -> web.Application:
     """Build the mTLS app (Koi's port 5642): `renew` and `health`."""
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[json_errors, body_limit], client_max_size=MAX_BODY_BYTES)
     routes = web.RouteTableDef()
 
     @routes.post(f"{PREFIX}/renew")

@@ -38,25 +38,33 @@ def escape_value(value: object) -> str:
 
 
 def parse_line(line: str) -> tuple[str, str, dict[str, str]]:
-    """Split an audit line into (timestamp, event, fields), undoing the escapes."""
+    """Split an audit line into (timestamp, event, fields), undoing the escapes.
+
+    Only the spaces of each ` | ` separator are dropped around a field, so a value keeps
+    its own leading and trailing white space.
+    """
     parts: list[str] = []
     current: list[str] = []
-    chars = iter(line.rstrip("\n"))
+    chars = iter(line.rstrip("\r\n"))
     for char in chars:
         if char == "\\":
             current.append(char + next(chars, ""))
         elif char == "|":
-            parts.append("".join(current).strip())
+            parts.append("".join(current))
             current = []
         else:
             current.append(char)
-    parts.append("".join(current).strip())
+    parts.append("".join(current))
 
     fields: dict[str, str] = {}
-    for part in parts[2:]:
+    last = len(parts) - 1
+    for index, part in enumerate(parts[2:], start=2):
+        part = part.removeprefix(" ")
+        part = part.removesuffix(" ") if index < last else part
         key, _, value = _split_unescaped_equals(part)
-        fields[key] = _unescape(value)
-    return parts[0], parts[1] if len(parts) > 1 else "", fields
+        fields[key.strip()] = _unescape(value)
+    event = parts[1].strip() if len(parts) > 1 else ""
+    return parts[0].strip(), event, fields
 
 
 def _split_unescaped_equals(text: str) -> tuple[str, str, str]:

@@ -246,8 +246,8 @@ class CertificateAuthority:
         clock = clock or SystemClock()
         if not data.ca_key.exists():
             return None
-        raw = read_json(data.roster)
         try:
+            raw = read_json(data.roster)
             if raw is None:
                 raise CorruptState(f"{data.roster} is missing although the CA key exists")
             roster = Roster.from_json(raw, str(data.roster))
@@ -573,8 +573,8 @@ class CertificateAuthority:
                 raise NotFound(f"no member named {host}")
             if not member.active:
                 raise ScopeViolation(f"{host} is not an active member")
-            known = {member.cert_fingerprint, member.previous_cert_fingerprint}
-            if client_fingerprint not in known:
+            known = {member.cert_fingerprint, member.previous_cert_fingerprint} - {None, ""}
+            if not client_fingerprint or client_fingerprint not in known:
                 raise ScopeViolation(
                     f"the presented certificate is not {host}'s current or previous one"
                 )

@@ -270,8 +270,11 @@ class Membership:
         """
         verified = verify_bundle(signed, self.state.ca_fingerprint, self.state.last_bundle_seq)
         change = apply_bundle(self.state, verified, self.clock.now())
-        self.save(change.state)
-        self.leaf_store.write_ca(pki.load_cert_pem(verified.ca_cert_pem))
+        if change.updated or self._bundle_time_is_stale(change.state):
+            self.save(change.state)
+            self.leaf_store.write_ca(pki.load_cert_pem(verified.ca_cert_pem))
+        else:
+            self.state = change.state
         if change.newly_revoked:
             log.warning(
                 "trust bundle seq %d says this node (%s) is revoked",
@@ -279,6 +282,17 @@ class Membership:
                 self.state.hostname,
             )
         return change
+
+    def _bundle_time_is_stale(self, state: MemberState) -> bool:
+        """Tell whether the bundle time on disk is over a day behind `state`'s.
+
+        An unchanged bundle only moves `last_bundle_at`; writing that every hour would
+        fsync `member.json` 24 times a day for nothing, so it is written daily.
+        """
+        saved = load_member_state(self.data.member_state)
+        if saved is None or saved.last_bundle_at is None or state.last_bundle_at is None:
+            return True
+        return state.last_bundle_at - saved.last_bundle_at >= dt.timedelta(days=1)
 
     def install_renewal(
         self, key: ec.EllipticCurvePrivateKey, response: object

@@ -82,6 +82,7 @@ class RenewalRecord:
         self.path = path
         self.view = RenewalView()
         self.history: list[PassResult] = []
+        self._saved_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         raw = None
         try:
             raw = read_json(path)
@@ -89,6 +90,19 @@ class RenewalRecord:
             log.warning("ignoring unreadable renewal record %s: %s", path, exc)
         if isinstance(raw, dict):
             self.view = _view_from_json(raw)
+
+    def needs_saving(self, previous: RenewalView) -> bool:
+        """Save when the outcome changed, or daily; a steady "not due" is not news."""
+        view = self.view
+        if (view.last_outcome, view.last_detail, view.consecutive_failures) != (
+            previous.last_outcome,
+            previous.last_detail,
+            previous.consecutive_failures,
+        ):
+            return True
+        if previous.last_check_at is None or view.last_check_at is None:
+            return True
+        return view.last_check_at - self._saved_at >= dt.timedelta(days=1)
 
     def add(self, result: PassResult, next_check_at: dt.datetime | None) -> RenewalView:
         failures = self.view.consecutive_failures + 1 if result.outcome == "failed" else 0
@@ -121,6 +135,8 @@ class RenewalRecord:
             "history": [r.to_json() for r in self.history[-20:]],
         }
         atomic_write_json(self.path, document)
+        if view.last_check_at is not None:
+            self._saved_at = view.last_check_at
 
 
 def _view_from_json(raw: dict[str, Any]) -> RenewalView:
@@ -255,20 +271,22 @@ class RenewalLoop:
                 result = await self._run_pass(force)
             except CertmeshError as exc:
                 result = PassResult(self.clock.now(), "failed", str(exc))
-            self._publish(result)
+            await self._publish(result)
             return result
 
-    def _publish(self, result: PassResult) -> None:
+    async def _publish(self, result: PassResult) -> None:
         failed = result.outcome == "failed"
         failures = self.record.view.consecutive_failures + 1 if failed else 0
         delay = next_delay(failures, self.interval, self._rng)
         next_at = self.clock.now() + dt.timedelta(seconds=delay)
+        previous = self.record.view
         self.record.add(result, next_at)
         self._log(result)
-        try:
-            self.record.save()
-        except CertmeshError as exc:
-            log.warning("could not save the renewal record: %s", exc)
+        if self.record.needs_saving(previous):
+            try:
+                await run_in_thread(self.record.save)
+            except CertmeshError as exc:
+                log.warning("could not save the renewal record: %s", exc)
         self._on_result(result)
 
     def _log(self, result: PassResult) -> None:
