@@ -36,7 +36,8 @@ def validate_reload_hook(command: object) -> str:
         raise InvalidPayload(f"reload hook may not contain {''.join(bad)!r}")
 
     program = command.split()[0]
-    windows_absolute = len(program) > 2 and program[1] == ":" or program.startswith("\\\\")
+    drive_absolute = len(program) > 3 and program[1] == ":" and program[2] in "\\/"
+    windows_absolute = drive_absolute or program.startswith("\\\\")
     if not (program.startswith("/") or windows_absolute):
         raise InvalidPayload(f"reload hook must start with an absolute path, got {program!r}")
     return command
@@ -68,8 +69,8 @@ def run_reload_hook(command: str, timeout: float = DEFAULT_TIMEOUT) -> HookResul
             env={**os.environ, "KOI_TRAY_HOOK": "1"},
         )
     except subprocess.TimeoutExpired:
-        log.warning("reload hook %r did not finish within %.0f s and was killed", command, timeout)
-        return HookResult(command, False, f"timed out after {timeout:.0f} s")
+        log.warning("reload hook %r did not finish within %g s and was killed", command, timeout)
+        return HookResult(command, False, f"timed out after {timeout:g} s")
     except OSError as exc:
         log.warning("reload hook %r could not start: %s", command, exc)
         return HookResult(command, False, str(exc))

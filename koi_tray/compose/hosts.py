@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 from koi_tray.certmesh.approval import Decider
 from koi_tray.compose.config import NodeConfig
@@ -41,8 +42,16 @@ def install_stop_signals(node: Node) -> list[asyncio.Task[None]]:
     return stopping
 
 
-async def serve(config: NodeConfig, decider: Decider, passphrase: str | None = None) -> int:
-    """Run a headless node until SIGINT or SIGTERM; return the exit status."""
+async def serve(
+    config: NodeConfig,
+    decider: Decider,
+    passphrase: str | None = None,
+    on_started: Callable[[Node], None] | None = None,
+) -> int:
+    """Run a headless node until SIGINT or SIGTERM; return the exit status.
+
+    `on_started` receives the running node (embedders and tests use it to stop it).
+    """
     node = Node(config, decider)
     node.status.subscribe(log_alerts)
     await node.start()
@@ -54,6 +63,8 @@ async def serve(config: NodeConfig, decider: Decider, passphrase: str | None = N
             log.warning(
                 "the CA is locked (%s); run 'koi-tray certmesh unlock'", node.ca.locked_reason
             )
+    if on_started is not None:
+        on_started(node)
     await node.wait_stopped()
     for task in stopping:
         await task

@@ -181,9 +181,9 @@ class Node:
     async def _start_site(
         self, name: str, app: web.Application, bind: str, port: int, ssl_context: Any = None
     ) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, bind, port, ssl_context=ssl_context, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, bind, port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -302,6 +302,7 @@ class Node:
 
     async def renew_now(self, force: bool) -> dict[str, Any]:
         result = await self.renewal.pass_now(force)
+        await self._reload_and_refresh()
         return result.to_json()
 
     async def set_hook(self, hostname: object, command: object) -> dict[str, Any]:

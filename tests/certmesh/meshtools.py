@@ -76,14 +76,20 @@ def openssl_verify(
     leaf_file.write_bytes(pki.cert_to_pem(cert))
     done = subprocess.run(
         [
-            OPENSSL, "verify", "-x509_strict", "-attime", str(int(at.timestamp())),
-            "-CAfile", str(ca_file), str(leaf_file),
+            OPENSSL,
+            "verify",
+            "-x509_strict",
+            "-attime",
+            str(int(at.timestamp())),
+            "-CAfile",
+            str(ca_file),
+            str(leaf_file),
         ],
         capture_output=True,
         text=True,
         check=False,
         timeout=30,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith(": OK"), done.stdout
     return done.stdout
@@ -118,9 +124,7 @@ def _read(path: Path) -> bytes | None:
 
 def snapshot(data: DataDir) -> Snapshot:
     text = _read(data.audit_log) or b""
-    return Snapshot(
-        _read(data.roster), _read(data.invites), tuple(text.decode().splitlines())
-    )
+    return Snapshot(_read(data.roster), _read(data.invites), tuple(text.decode().splitlines()))
 
 
 def audit_added(data: DataDir, before: Snapshot) -> list[tuple[str, str, dict[str, str]]]:

@@ -114,7 +114,9 @@ def test_revocation_reason_cannot_forge_a_line_through_the_ca(ca: CertificateAut
 
 
 def test_koi_written_lines_parse(tmp_path: Path):
-    line = "2026-06-20T09:00:00Z | member_revoked | hostname=node-03 | operator=Alice | reason=none\n"
+    line = (
+        "2026-06-20T09:00:00Z | member_revoked | hostname=node-03 | operator=Alice | reason=none\n"
+    )
     assert audit.parse_line(line) == (
         "2026-06-20T09:00:00Z",
         "member_revoked",

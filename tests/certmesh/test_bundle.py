@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import copy
 import json
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,14 @@ def test_bundle_tells_members_nothing_private(mesh: CertificateAuthority):
         assert private not in text
     bundle = mesh.trust_bundle()["bundle"]
     assert set(bundle) == {
-        "seq", "issued_at", "ca_fingerprint", "ca_cert_pem", "policy", "members", "revoked",
-    }  # fmt: skip
+        "seq",
+        "issued_at",
+        "ca_fingerprint",
+        "ca_cert_pem",
+        "policy",
+        "members",
+        "revoked",
+    }
     assert {m["hostname"]: m["status"] for m in bundle["members"]} == {
         "ca-host": "active",
         "node-a": "active",
@@ -155,10 +161,19 @@ def test_every_single_field_tamper_is_refused(mesh: CertificateAuthority):
         lambda w: w["bundle"]["revoked"].clear(),
     ],
     ids=[
-        "no-signature", "no-bundle", "bad-base64", "bundle-list", "negative-seq", "bool-seq",
-        "string-seq", "no-ca-pem", "added-field", "member-removed", "revocation-removed",
+        "no-signature",
+        "no-bundle",
+        "bad-base64",
+        "bundle-list",
+        "negative-seq",
+        "bool-seq",
+        "string-seq",
+        "no-ca-pem",
+        "added-field",
+        "member-removed",
+        "revocation-removed",
     ],
-)  # fmt: skip
+)
 def test_structural_tampering_is_refused(mesh: CertificateAuthority, mangle):
     wire = _wire(mesh.trust_bundle())
     mangle(wire)
@@ -175,9 +190,14 @@ def test_non_object_bundle_is_refused(mesh: CertificateAuthority, signed):
 @pytest.fixture
 def other_ca(tmp_path: Path, clock: ManualClock) -> CertificateAuthority:
     return CertificateAuthority.create(
-        DataDir(tmp_path / "other-ca"), "other-host", PASSPHRASE, PRESETS["just-me"], "Mallory",
-        clock=clock, kdf=keystore.FAST_TEST_KDF,
-    )  # fmt: skip
+        DataDir(tmp_path / "other-ca"),
+        "other-host",
+        PASSPHRASE,
+        PRESETS["just-me"],
+        "Mallory",
+        clock=clock,
+        kdf=keystore.FAST_TEST_KDF,
+    )
 
 
 def test_bundle_of_another_ca_is_refused(mesh: CertificateAuthority, other_ca):
@@ -232,8 +252,10 @@ def test_member_keeps_bundle_facts_across_a_reload(
     policy = CertPolicy(leaf_lifetime_days=60, renew_threshold_days=20, grace_days=7)
     bundle = build_bundle(
         replace(roster, policy=policy),
-        ca.ca_cert_pem, ca.ca_fingerprint, clock.now(),
-    )  # fmt: skip
+        ca.ca_cert_pem,
+        ca.ca_fingerprint,
+        clock.now(),
+    )
     change = member.accept_bundle(_wire(sign_bundle(bundle, ca_key)))
     assert change.updated and change.newly_revoked
 

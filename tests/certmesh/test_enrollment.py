@@ -248,18 +248,14 @@ REFUSALS: dict[str, Refusal] = {
         for name, factory in BAD_CSRS.items()
     },
     **{
-        f"hostname-{index}": Refusal(
-            _with_hostname(name), InvalidPayload, "enroll_invalid_request"
-        )
+        f"hostname-{index}": Refusal(_with_hostname(name), InvalidPayload, "enroll_invalid_request")
         for index, name in enumerate(HOSTILE_HOSTNAMES)
     },
     "sans-17-extras": Refusal(
         _with_sans([f"alias{i}.lan" for i in range(17)]), InvalidPayload, "enroll_invalid_request"
     ),
     "sans-wildcard": Refusal(_with_sans(["*.lan"]), InvalidPayload, "enroll_invalid_request"),
-    "sans-newline": Refusal(
-        _with_sans(["ok.lan\nevil"]), InvalidPayload, "enroll_invalid_request"
-    ),
+    "sans-newline": Refusal(_with_sans(["ok.lan\nevil"]), InvalidPayload, "enroll_invalid_request"),
     "sans-not-a-list": Refusal(_with_sans("alias.lan"), InvalidPayload, "enroll_invalid_request"),
     "invite-expired": Refusal(_expired_invite, InvalidAuth, "enroll_token_invalid"),
     "invite-used": Refusal(_used_invite, InvalidAuth, "enroll_token_invalid"),
@@ -552,9 +548,7 @@ async def test_unanswered_approval_times_out(team: CertificateAuthority, monkeyp
         await enroll(team, join_request("node-a", code)[1], _never_answers)
 
     assert_state_unchanged(team.data, before)
-    assert [event for _, event, _ in audit_added(team.data, before)] == [
-        "enroll_approval_timeout"
-    ]
+    assert [event for _, event, _ in audit_added(team.data, before)] == ["enroll_approval_timeout"]
     await enroll(team, join_request("node-a", code)[1], Decider(Approved("Bob")))
     assert team.roster.is_enrolled("node-a")
 

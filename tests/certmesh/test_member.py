@@ -56,9 +56,15 @@ def test_join_answer_for_another_ca_installs_nothing(
 
     with pytest.raises(RenewalFailed, match="pinned"):
         Membership.install_join(
-            data, clock, key, result.to_json(), ca_host="ca-host", ca_http_port=5641,
-            pinned_fingerprint="0" * 64, sans=["node-a"],
-        )  # fmt: skip
+            data,
+            clock,
+            key,
+            result.to_json(),
+            ca_host="ca-host",
+            ca_http_port=5641,
+            pinned_fingerprint="0" * 64,
+            sans=["node-a"],
+        )
     assert not data.root.exists() or not any(data.root.rglob("*.pem"))
     assert Membership.load(data, clock) is None
 
@@ -71,9 +77,15 @@ def test_join_answer_for_another_key_installs_nothing(
 
     with pytest.raises(RenewalFailed, match="different key"):
         Membership.install_join(
-            data, clock, pki.generate_key(), result.to_json(), ca_host="ca-host",
-            ca_http_port=5641, pinned_fingerprint=ca.ca_fingerprint, sans=["node-a"],
-        )  # fmt: skip
+            data,
+            clock,
+            pki.generate_key(),
+            result.to_json(),
+            ca_host="ca-host",
+            ca_http_port=5641,
+            pinned_fingerprint=ca.ca_fingerprint,
+            sans=["node-a"],
+        )
     assert Membership.load(data, clock) is None
 
 
@@ -128,9 +140,14 @@ def test_leaf_signed_by_an_impostor_with_our_ca_name_is_refused(
     impostor_key = pki.generate_key()
     request = new_renewal_request(member.state)
     forged = pki.issue_leaf(
-        impostor_key, ca.ca_cert, request.key.public_key(), "node-a", ["node-a"], clock.now(),
+        impostor_key,
+        ca.ca_cert,
+        request.key.public_key(),
+        "node-a",
+        ["node-a"],
+        clock.now(),
         dt.timedelta(days=90),
-    )  # fmt: skip
+    )
     response = {"service_cert": pki.cert_to_pem(forged).decode(), "ca_cert": ca.ca_cert_pem}
 
     with pytest.raises(RenewalFailed, match="not signed by the pinned CA"):

@@ -48,10 +48,13 @@ def issued(ca: CertificateAuthority, clock: ManualClock) -> dict[str, Issued]:
     self_leaf = ca.leaf_store.read()
     out = {
         "self": Issued(
-            self_leaf.cert, self_leaf.key, "ca-host",
-            ("ca-host", "ca-host.local", "localhost", "127.0.0.1"), clock.now(),
+            self_leaf.cert,
+            self_leaf.key,
+            "ca-host",
+            ("ca-host", "ca-host.local", "localhost", "127.0.0.1"),
+            clock.now(),
         ),
-    }  # fmt: skip
+    }
     key, result = join_member(ca, "node-a", sans=["alias.lan", "10.0.0.9"])
     join_sans = ("node-a", "node-a.local", "alias.lan", "10.0.0.9")
     leaf = pki.load_cert_pem(result.service_cert_pem)
@@ -99,9 +102,10 @@ def test_ca_certificate_profile(ca: CertificateAuthority, clock: ManualClock, tm
     cert.verify_directly_issued_by(cert)
 
     openssl_verify(tmp_path, cert, cert, now)
-    assert ca.ca_fingerprint == hashlib.sha256(
-        cert.public_bytes(serialization.Encoding.DER)
-    ).hexdigest()
+    assert (
+        ca.ca_fingerprint
+        == hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -160,11 +164,16 @@ def test_serials_are_random_even_for_the_same_key(ca: CertificateAuthority, cloc
     key = pki.generate_key()
     serials = [
         pki.issue_leaf(
-            ca_key, ca.ca_cert, key.public_key(), "node-a", ["node-a"], clock.now(),
+            ca_key,
+            ca.ca_cert,
+            key.public_key(),
+            "node-a",
+            ["node-a"],
+            clock.now(),
             NINETY_DAYS,
         ).serial_number
         for _ in range(16)
-    ]  # fmt: skip
+    ]
 
     assert len(set(serials)) == 16
     assert all(serial > 0 for serial in serials)

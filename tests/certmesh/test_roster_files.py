@@ -141,14 +141,24 @@ def test_busy_node_leaves_no_temporary_files_and_keeps_secrets_private(
         assert leftovers == []
 
     private = [
-        ca.data.ca_key, ca.data.roster, ca.data.invites, ca.data.audit_log,
-        ca.data.leaf_dir("ca-host") / "key.pem", member.data.member_state,
+        ca.data.ca_key,
+        ca.data.roster,
+        ca.data.invites,
+        ca.data.audit_log,
+        ca.data.leaf_dir("ca-host") / "key.pem",
+        member.data.member_state,
         member.data.leaf_dir("node-a") / "key.pem",
-    ]  # fmt: skip
+    ]
     for path in private:
         assert path.stat().st_mode & 0o777 == 0o600, path
-    for path in (ca.data.root, ca.data.certmesh, ca.data.ca_dir, ca.data.certs,
-                 ca.data.leaf_dir("ca-host"), ca.data.audit_log.parent):  # fmt: skip
+    for path in (
+        ca.data.root,
+        ca.data.certmesh,
+        ca.data.ca_dir,
+        ca.data.certs,
+        ca.data.leaf_dir("ca-host"),
+        ca.data.audit_log.parent,
+    ):
         assert path.stat().st_mode & 0o777 == 0o700, path
 
 
