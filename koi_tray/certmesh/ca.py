@@ -161,6 +161,7 @@ class CertificateAuthority:
         self._roster = roster
         self._key: ec.EllipticCurvePrivateKey | None = None
         self._lock = threading.RLock()
+        self._pending_lock = threading.Lock()
         self._pending: dict[str, PendingJoin] = {}
 
     # -- creation and loading -------------------------------------------------------------
@@ -439,7 +440,7 @@ class CertificateAuthority:
             deadline=now + APPROVAL_TIMEOUT,
         )
         pending = PendingJoin(request, reservation, checked.csr, sans)
-        with self._lock:
+        with self._pending_lock:
             self._pending[request.request_id] = pending
         return pending
 
@@ -459,12 +460,12 @@ class CertificateAuthority:
         log.info("refused join from %s as %s: %s", peer or "?", hostname, exc)
 
     def pending_approvals(self) -> list[ApprovalRequest]:
-        with self._lock:
+        with self._pending_lock:
             return [p.request for p in self._pending.values()]
 
     def abandon_join(self, pending: PendingJoin, event: str, detail: str) -> None:
         """Refuse a pending join: release its invite and audit why (`event`)."""
-        with self._lock:
+        with self._pending_lock:
             self._pending.pop(pending.request.request_id, None)
         self.invites.release(pending.reservation)
         self.audit.record(
@@ -521,7 +522,7 @@ class CertificateAuthority:
             self.abandon_join(pending, "enroll_failed", str(exc))
             raise
         finally:
-            with self._lock:
+            with self._pending_lock:
                 self._pending.pop(pending.request.request_id, None)
 
         self.audit.record(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from koi_tray.certmesh.approval import Approved, Decider, Denied
@@ -23,9 +24,22 @@ T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]
 
 
+_COMMITS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certmesh-commit")
+
+
 async def run_in_thread(func: Callable[..., T], *args: Any) -> T:
     """Run a blocking certmesh call in the loop's default executor."""
     return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+
+async def run_commit(func: Callable[..., T], *args: Any) -> T:
+    """Run a roster commit on the one commit thread.
+
+    Commits serialise on the CA's roster lock anyway; giving them their own thread keeps
+    them from filling the default executor, where new joins run their checks, so a burst
+    of commits does not delay the next join's approval request.
+    """
+    return await asyncio.get_running_loop().run_in_executor(_COMMITS, func, *args)
 
 
 async def enroll(
@@ -34,6 +48,7 @@ async def enroll(
     decider: Decider | None,
     *,
     run: Runner = run_in_thread,
+    commit: Runner = run_commit,
 ) -> JoinResult:
     """Take one join from its checks to a signed leaf, or to a refusal.
 
@@ -45,7 +60,7 @@ async def enroll(
     pending: PendingJoin = await run(ca.check_join, join)
     request = pending.request
     if not request.requires_approval:
-        return await run(ca.finish_join, pending, None)
+        return await commit(ca.finish_join, pending, None)
 
     if decider is None:
         ca.abandon_join(pending, "enroll_approval_unavailable", "no approver is attached")
@@ -68,7 +83,7 @@ async def enroll(
     if isinstance(decision, Approved) and isinstance(decision.operator, str):
         operator = decision.operator.strip()
         if operator:
-            return await run(ca.finish_join, pending, operator)
+            return await commit(ca.finish_join, pending, operator)
         reason = "approved without an operator name"
     elif isinstance(decision, Denied):
         reason = decision.reason or "denied"

@@ -77,10 +77,29 @@ def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+def readable_json(value: Any, depth: int = 2, indent: str = "") -> str:
+    """Serialise `value` indented for its first `depth` levels and compact below.
+
+    A roster with a thousand members stays readable (one member per line) and is written
+    by the C encoder: `json.dumps(indent=...)` falls back to the pure-Python encoder, which
+    is ten times slower on the commit path of every join and renewal.
+    """
+    inner = indent + "  "
+    if depth > 0 and isinstance(value, dict) and value:
+        items = [
+            f"{inner}{json.dumps(k, ensure_ascii=False)}: {readable_json(v, depth - 1, inner)}"
+            for k, v in value.items()
+        ]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if depth > 0 and isinstance(value, list) and value:
+        items = [f"{inner}{readable_json(v, depth - 1, inner)}" for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{indent}]"
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+
 def atomic_write_json(path: Path, value: Any, mode: int = PRIVATE_FILE) -> None:
-    """Write `value` as pretty-printed JSON through `atomic_write`."""
-    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, text.encode("utf-8"), mode)
+    """Write `value` as readable JSON (see `readable_json`) through `atomic_write`."""
+    atomic_write(path, (readable_json(value) + "\n").encode("utf-8"), mode)
 
 
 def read_json(path: Path) -> Any:

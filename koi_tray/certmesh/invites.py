@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from koi_tray.certmesh.clock import Clock
-from koi_tray.certmesh.errors import InvalidAuth, InvalidPayload
-from koi_tray.certmesh.files import atomic_write_json, read_json
+from koi_tray.certmesh.errors import CertmeshError, CorruptState, InvalidAuth, InvalidPayload
+from koi_tray.certmesh.files import atomic_write, read_json
 from koi_tray.certmesh.hostnames import same_host
 from koi_tray.certmesh.timefmt import format_timestamp, parse_timestamp
 
@@ -96,15 +97,32 @@ class InviteBook:
         self._clock = clock
         self._lock = threading.Lock()
         self._reserved: set[str] = set()
+        self._cache: tuple[tuple[int, int], list[Invite]] | None = None
 
     def _load(self) -> list[Invite]:
-        raw = read_json(self.path)
-        if raw is None:
+        """Return the stored invites, parsing the file again only when it changed on disk."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
             return []
-        return [Invite.from_json(item) for item in raw.get("invites", [])]
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if self._cache is not None and self._cache[0] == stamp:
+            return list(self._cache[1])
+        raw = read_json(self.path)
+        try:
+            invites = [] if raw is None else [Invite.from_json(i) for i in raw["invites"]]
+        except (KeyError, TypeError, ValueError, AttributeError, CertmeshError) as exc:
+            raise CorruptState(
+                f"{self.path} does not look like a list of invites: {exc!r}"
+            ) from exc
+        self._cache = (stamp, invites)
+        return list(invites)
 
     def _save(self, invites: list[Invite]) -> None:
-        atomic_write_json(self.path, {"invites": [i.to_json() for i in invites]})
+        document = {"invites": [i.to_json() for i in invites]}
+        atomic_write(self.path, (json.dumps(document) + "\n").encode())
+        stat = self.path.stat()
+        self._cache = ((stat.st_mtime_ns, stat.st_size), list(invites))
 
     def mint(
         self, hostname: str, ca_fingerprint: str, ttl: dt.timedelta | None = None

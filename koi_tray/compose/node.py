@@ -105,6 +105,7 @@ class Node:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._chores: set[asyncio.Future[None]] = set()
         self._leaf: LeafView | None = None
+        self._member_rows: tuple[object, tuple[MemberRow, ...]] = (None, ())
         self._stopping = False
         self._stopped: asyncio.Future[None] | None = None
 
@@ -463,6 +464,11 @@ class Node:
         if ca is None:
             return None
         roster = ca.roster
+        if self._member_rows[0] is not roster:
+            rows = tuple(
+                MemberRow(m.hostname, m.role, m.status, m.cert_expires) for m in roster.members
+            )
+            self._member_rows = (roster, rows)
         return CaView(
             fingerprint=ca.ca_fingerprint,
             locked=ca.locked,
@@ -470,9 +476,7 @@ class Node:
             enrollment_open=roster.enrollment_open,
             requires_approval=roster.requires_approval,
             seq=roster.seq,
-            members=tuple(
-                MemberRow(m.hostname, m.role, m.status, m.cert_expires) for m in roster.members
-            ),
+            members=self._member_rows[1],
         )
 
     def _capabilities(self) -> tuple[Capability, ...]:

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 WINDOW_TITLE = "koi-tray — approve join?"
 HEADER_STYLE = (
-    "background: #f59e0b; color: #1c1204; font-weight: bold; padding: 10px 12px;"
+    "background: #f59e0b; color: #1c1204; font-weight: bold; font-size: 13pt;"
+    "padding: 10px 14px;"
     "border-bottom: 3px solid #b45309;"
 )
 URGENT_STYLE = "color: #b91c1c; font-weight: bold;"
@@ -318,8 +319,10 @@ def dialog_decider(
         board.add(dialog)
         log.info(
             "asking for approval of %s from %s (code %s)",
-            request.hostname, request.peer_address or "?", request.confirmation_code,
-        )  # fmt: skip
+            request.hostname,
+            request.peer_address or "?",
+            request.confirmation_code,
+        )
         try:
             finished = show_dialog(dialog, activate=False)
             board.opened.emit(request.request_id)

@@ -77,6 +77,15 @@ def setup_logging(
     return path
 
 
+def logs_to_console() -> bool:
+    """Tell whether `setup_logging` sent the log to stderr as well."""
+    return any(
+        getattr(h, _MARK, False) and getattr(h, "stream", None) is sys.stderr
+        for h in logging.getLogger().handlers
+        if not isinstance(h, logging.FileHandler)
+    )
+
+
 def _on_terminal() -> bool:
     for stream in (sys.stdin, sys.stderr):
         try:

@@ -133,13 +133,13 @@ def build_menu(
     ca = snapshot.ca if snapshot is not None else None
     ready = snapshot is not None and not snapshot.shutting_down
     in_mesh = ready and snapshot.role != "unconfigured"
-    renewing = RENEW in busy
+    renew_text = "Renewing…" if RENEW in busy else "Renew now"
     pending = len(snapshot.pending) if snapshot is not None else 0
 
     actions = (
         MenuItem("sep_actions", kind=SEPARATOR),
-        _approvals_item(snapshot, tz),
-        MenuItem(RENEW, "Renewing…" if renewing else "Renew now", ACTION, in_mesh and not renewing),
+        _approvals_item(snapshot),
+        MenuItem(RENEW, renew_text, ACTION, in_mesh and RENEW not in busy),
         MenuItem(UNLOCK, "Unlock CA…", ACTION, ready, visible=bool(ca and ca.locked)),
         MenuItem(INVITE, "Invite a host…", ACTION, ready, visible=ca is not None),
         MenuItem(
@@ -147,7 +147,7 @@ def build_menu(
             "Copy CA fingerprint",
             ACTION,
             bool(snapshot and snapshot.mesh_fingerprint),
-        ),  # fmt: skip
+        ),
         MenuItem(OPEN_CERTS, "Open certificates folder", ACTION),
         MenuItem(OPEN_LOG, "Open log…", ACTION),
         MenuItem("sep_app", kind=SEPARATOR),
@@ -181,7 +181,7 @@ def _status_items(snapshot: NodeSnapshot | None, tz: dt.tzinfo | None) -> tuple[
             *(
                 MenuItem(
                     key, kind=SUBMENU if key == "members" else INFO, enabled=False, visible=False
-                )  # fmt: skip
+                )
                 for key in _LATER_STATUS_KEYS
             ),
         )
@@ -191,15 +191,21 @@ def _status_items(snapshot: NodeSnapshot | None, tz: dt.tzinfo | None) -> tuple[
         MenuItem("leaf", _leaf_line(snapshot), enabled=False, visible=_in_mesh(snapshot)),
         *_renewal_items(snapshot, now, tz),
         _bundle_item(snapshot, now),
-        *_ca_items(snapshot, tz),
+        *_ca_items(snapshot),
     )
     return lines
 
 
 _LATER_STATUS_KEYS = (
-    "leaf", "renewal_last", "renewal_detail", "renewal_next", "bundle",
-    "members", "enrollment", "ca_key",
-)  # fmt: skip
+    "leaf",
+    "renewal_last",
+    "renewal_detail",
+    "renewal_next",
+    "bundle",
+    "members",
+    "enrollment",
+    "ca_key",
+)
 
 
 def _in_mesh(snapshot: NodeSnapshot) -> bool:
@@ -272,7 +278,7 @@ def _bundle_item(snapshot: NodeSnapshot, now: dt.datetime) -> MenuItem:
     return MenuItem("bundle", text, enabled=False)
 
 
-def _ca_items(snapshot: NodeSnapshot, tz: dt.tzinfo | None) -> tuple[MenuItem, ...]:
+def _ca_items(snapshot: NodeSnapshot) -> tuple[MenuItem, ...]:
     ca = snapshot.ca
     if ca is None:
         return (
@@ -286,12 +292,12 @@ def _ca_items(snapshot: NodeSnapshot, tz: dt.tzinfo | None) -> tuple[MenuItem, .
         header += f", {revoked} revoked"
     rows = tuple(
         MenuItem(
-            f"member:{m.hostname}",
-            f"{m.hostname} — {m.status}, until {m.expires:%Y-%m-%d}",
+            "member",
+            f"{m.hostname}{_role_note(m.role)} — {m.status}, until {m.expires:%Y-%m-%d}",
             enabled=False,
-        )  # fmt: skip
+        )
         for m in ca.members
-    ) or (MenuItem("member:none", "(no members yet)", enabled=False),)
+    ) or (MenuItem("member", "(no members yet)", enabled=False),)
 
     if ca.enrollment_open:
         approval = "approval required" if ca.requires_approval else "no approval needed"
@@ -306,7 +312,11 @@ def _ca_items(snapshot: NodeSnapshot, tz: dt.tzinfo | None) -> tuple[MenuItem, .
     )
 
 
-def _approvals_item(snapshot: NodeSnapshot | None, tz: dt.tzinfo | None) -> MenuItem:
+def _role_note(role: str) -> str:
+    return "" if role == "member" else f" ({role})"
+
+
+def _approvals_item(snapshot: NodeSnapshot | None) -> MenuItem:
     pending = snapshot.pending if snapshot is not None else ()
     shown = snapshot is not None and (snapshot.ca is not None or bool(pending))
     if not pending:
@@ -314,7 +324,7 @@ def _approvals_item(snapshot: NodeSnapshot | None, tz: dt.tzinfo | None) -> Menu
     now = snapshot.taken_at
     rows = tuple(
         MenuItem(
-            f"{APPROVAL}:{request.request_id}",
+            APPROVAL,
             f"{request.hostname} from {request.peer_address or '?'} · code "
             f"{request.confirmation_code} · {_until(request.deadline - now, bare=True)} left",
             ACTION,

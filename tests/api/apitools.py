@@ -94,7 +94,12 @@ async def join(ca: Node, root: Path, hostname: str, codes: list[str] | None = No
     code = await invite_code(ca, hostname)
     seen = codes if codes is not None else []
     return await actions.join_mesh(
-        DataDir(root), hostname, http_base(ca).removesuffix(PREFIX), code, SystemClock(), seen.append
+        DataDir(root),
+        hostname,
+        http_base(ca).removesuffix(PREFIX),
+        code,
+        SystemClock(),
+        seen.append,
     )
 
 
@@ -153,10 +158,12 @@ def assert_error(answer: Answer, status: int, code: str) -> None:
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """The bytes of the state files a refused request must not touch."""
+    """The bytes of the files a refused request must not touch: state, audit log, leaves."""
     data = DataDir(root)
     files = {name: data.certmesh / name for name in STATE_FILES}
     files["audit"] = data.audit_log
+    if data.certs.exists():
+        files.update({str(p.relative_to(root)): p for p in data.certs.rglob("*") if p.is_file()})
     return {name: path.read_bytes() if path.exists() else None for name, path in files.items()}
 
 

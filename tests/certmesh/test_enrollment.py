@@ -413,6 +413,15 @@ def test_first_failed_check_is_the_one_reported(
     assert [event for _, event, _ in audit_added(ca.data, before)] == [case.event]
 
 
+def test_sixteen_extra_sans_are_accepted_and_duplicates_folded(ca: CertificateAuthority):
+    extras = [f"alias{i}.lan" for i in range(15)] + ["NODE-A.local"]
+    _, result = join_member(ca, "node-a", sans=extras)
+
+    cert = pki.load_cert_pem(result.service_cert_pem)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [n.value for n in names] == ["node-a", "node-a.local", *extras[:15]]
+
+
 def test_join_without_approval_records_the_member(ca: CertificateAuthority, clock: ManualClock):
     seq = ca.roster.seq
     key, result = join_member(ca, "node-a", sans=["alias.lan"])

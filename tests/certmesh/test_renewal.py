@@ -87,6 +87,7 @@ def test_presented_certificate_must_be_current_or_previous(ca: CertificateAuthor
             _renew(ca, fingerprint)
 
     assert_state_unchanged(ca.data, before)
+    assert audit_added(ca.data, before) == []
 
 
 def test_previous_certificate_is_accepted_once_after_a_renewal(ca: CertificateAuthority, fp1):

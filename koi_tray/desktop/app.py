@@ -1,0 +1,195 @@
+"""The tray host's entry point: `run_tray(config, backend)`.
+
+The order matters and is the point of this module:
+
+1. Set up the log, and refuse at once (exit 1, one line, no traceback) when another
+   node holds the data dir.
+2. Create the one QApplication (PySide6 imported before qasync), the qasync loop, the
+   backend and the controller, and show the icon in its "starting" state. Nothing slow
+   has been imported yet: not aiohttp, not the node.
+3. On the loop: import the node module on an executor thread (the icon stays responsive),
+   start the node with the dialog decider, and hand it to the controller.
+4. SIGINT, SIGTERM and the Quit item run the controller's quit sequence (the node's
+   staged shutdown, then dialogs, icon and window); the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from koi_tray.certmesh.errors import CertmeshError
+from koi_tray.certmesh.layout import DataDir
+from koi_tray.compose.config import NodeConfig, default_data_dir
+from koi_tray.compose.lock import NodeAlreadyRunning, is_locked
+from koi_tray.desktop import logs
+
+if TYPE_CHECKING:
+    from PySide6.QtWidgets import QApplication
+
+    from koi_tray.autostart import Autostart
+    from koi_tray.compose.node import Node
+    from koi_tray.desktop.approval import ApprovalBoard
+    from koi_tray.desktop.controller import TrayController
+
+log = logging.getLogger(__name__)
+
+APP_ID = "koi-tray"
+EXIT_OK = 0
+EXIT_FAILED = 1
+NODE_MODULE = "koi_tray.compose.node"
+
+
+def run_tray(config: NodeConfig, backend: str = "qt") -> int:
+    """Run koi-tray in the system tray until Quit or a signal; return the exit code.
+
+    Args:
+        config: The node's configuration (its `host_kind` becomes "tray").
+        backend: "qt" (QSystemTrayIcon) or "pystray".
+
+    Returns:
+        0 after a normal quit, 1 when the node could not start (another koi-tray runs
+        for the same data dir, a port is taken, a state file is damaged).
+    """
+    started = time.monotonic()
+    log_path = logs.setup_logging()
+    config = dataclasses.replace(config, host_kind="tray")
+    if is_locked(DataDir(config.data_dir).lock_file):
+        return _refuse(f"koi-tray is already running for {config.data_dir}")
+
+    import PySide6.QtWidgets  # before qasync, so qasync picks PySide6
+    import qasync
+
+    from koi_tray.desktop.approval import ApprovalBoard
+    from koi_tray.desktop.backend import make_backend
+    from koi_tray.desktop.controller import TrayController
+
+    qt = PySide6.QtWidgets
+    app = qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+    app.setQuitOnLastWindowClosed(False)
+    app.setApplicationName(APP_ID)
+    app.setDesktopFileName(APP_ID)
+    _set_app_icon(app)
+
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
+    board = ApprovalBoard()
+    controller = TrayController(
+        make_backend(backend, loop),
+        board,
+        certs_dir=DataDir(config.data_dir).certs,
+        log_path=log_path,
+        autostart=_autostart(),
+        autostart_data_dir=_autostart_data_dir(config.data_dir),
+    )
+    controller.show()
+    log.info("koi-tray %s icon shown %.2f s after start", backend, time.monotonic() - started)
+    try:
+        with loop:
+            return loop.run_until_complete(_main(controller, config, board))
+    finally:
+        asyncio.set_event_loop(None)
+
+
+async def _main(controller: TrayController, config: NodeConfig, board: ApprovalBoard) -> int:
+    loop = asyncio.get_running_loop()
+    remove_handlers = _install_signal_handlers(loop, controller.request_quit)
+    try:
+        controller.starting = asyncio.create_task(_start_node(config, board), name="node-start")
+        try:
+            node = await controller.starting
+        except asyncio.CancelledError:
+            if not controller.quitting:
+                raise
+            return await controller.wait_closed()
+        except NodeAlreadyRunning:
+            controller.close_now()
+            return _refuse(f"koi-tray is already running for {config.data_dir}")
+        except CertmeshError as exc:
+            controller.close_now()
+            return _refuse(f"koi-tray cannot start: {exc}")
+        controller.attach(node)
+        return await controller.wait_closed()
+    finally:
+        remove_handlers()
+
+
+async def _start_node(config: NodeConfig, board: ApprovalBoard) -> Node:
+    from koi_tray.desktop.approval import dialog_decider
+
+    loop = asyncio.get_running_loop()
+    node_module = await loop.run_in_executor(None, importlib.import_module, NODE_MODULE)
+    node = node_module.Node(config, dialog_decider(board))
+    await node.start()
+    return node
+
+
+def _install_signal_handlers(
+    loop: asyncio.AbstractEventLoop, quit_: Callable[[], None]
+) -> Callable[[], None]:
+    signals = [signal.SIGINT, signal.SIGTERM]
+    try:
+        for number in signals:
+            loop.add_signal_handler(number, quit_)
+    except (NotImplementedError, RuntimeError):
+        # Windows: no loop signal handlers; Python runs these between Qt events.
+        previous = {
+            n: signal.signal(n, lambda *_: loop.call_soon_threadsafe(quit_)) for n in signals
+        }
+
+        def restore() -> None:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+        return restore
+
+    def remove() -> None:
+        for number in signals:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(number)
+
+    return remove
+
+
+def _refuse(message: str) -> int:
+    """Say why koi-tray stops, once: in the log, and on stderr if the log does not go there."""
+    log.error("%s", message)
+    if not logs.logs_to_console():
+        print(message, file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _set_app_icon(app: QApplication) -> None:
+    from PySide6.QtGui import QIcon
+
+    from koi_tray.desktop.icons import render_app_icon
+    from koi_tray.desktop.qt_tray import pixmap_from_image
+
+    icon = QIcon()
+    for size in (16, 32, 64, 128):
+        icon.addPixmap(pixmap_from_image(render_app_icon(size)))
+    app.setWindowIcon(icon)
+
+
+def _autostart() -> Autostart | None:
+    from koi_tray.autostart import AutostartError, autostart_for_platform
+
+    try:
+        return autostart_for_platform()
+    except AutostartError as exc:
+        log.info("start at login is not available: %s", exc)
+        return None
+
+
+def _autostart_data_dir(data_dir: Path) -> Path | None:
+    """Name the data dir in the login entry only when it is not the default one."""
+    return None if Path(data_dir) == default_data_dir() else Path(data_dir)
