@@ -23,8 +23,13 @@ async def instant_decider(request):
 
 async def start_ca(root: Path, decider=instant_decider, preset: str = "just-me") -> Node:
     config = NodeConfig(
-        data_dir=root / "ca", hostname="ca-host", http_port=0, mtls_port=0,
-        mtls_bind="127.0.0.1", host_kind="embedded", max_concurrent_approvals=64,
+        data_dir=root / "ca",
+        hostname="ca-host",
+        http_port=0,
+        mtls_port=0,
+        mtls_bind="127.0.0.1",
+        host_kind="embedded",
+        max_concurrent_approvals=64,
     )
     node = Node(config, decider, kdf=keystore.FAST_TEST_KDF)
     await node.start()
@@ -40,9 +45,15 @@ def join_directly(ca_node: Node, root: Path, hostname: str) -> Membership:
     csr = pki.build_csr(key, hostname, [hostname, f"{hostname}.local"]).decode()
     answer = ca.finish_join(ca.check_join(JoinRequest(hostname, csr, invite.code)), None)
     return Membership.install_join(
-        DataDir(root / hostname), SystemClock(), key, answer.to_json(), ca_host="127.0.0.1",
-        ca_http_port=ca_node.address("http")[1], ca_mtls_port=ca_node.address("mtls")[1],
-        pinned_fingerprint=ca.ca_fingerprint, sans=[hostname, f"{hostname}.local"],
+        DataDir(root / hostname),
+        SystemClock(),
+        key,
+        answer.to_json(),
+        ca_host="127.0.0.1",
+        ca_http_port=ca_node.address("http")[1],
+        ca_mtls_port=ca_node.address("mtls")[1],
+        pinned_fingerprint=ca.ca_fingerprint,
+        sans=[hostname, f"{hostname}.local"],
     )
 
 

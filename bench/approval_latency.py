@@ -62,8 +62,10 @@ async def main(joins: int, concurrency: int) -> None:
     latencies = [asked[h] - arrived[h] for h in asked]
     print(f"approval latency (arrival → decider call), {joins} joins, {concurrency} at a time:")
     print(f"  {describe_ms(latencies)}")
-    print(f"  joins completed: {len(asked)}/{joins} in {elapsed:.1f} s "
-          f"({joins / elapsed:.0f} joins/s end to end)")
+    print(
+        f"  joins completed: {len(asked)}/{joins} in {elapsed:.1f} s "
+        f"({joins / elapsed:.0f} joins/s end to end)"
+    )
 
 
 if __name__ == "__main__":

@@ -366,11 +366,13 @@ class DirectCommands:
         return _finish_pass(self.args, result.to_json())
 
     async def do_invite(self) -> None:
-        minted = self.open_ca().mint_invite(self.args.host, dt.timedelta(minutes=self.args.ttl))
+        ca = self.open_ca()
+        minted = ca.mint_invite(self.args.host, dt.timedelta(minutes=self.args.ttl))
         value = {
             "token": minted.code,
             "hostname": minted.hostname,
             "expires_at": minted.expires_at.isoformat(),
+            "ca_fingerprint": ca.ca_fingerprint,
         }
         emit(value, self.args.json, _human_invite)
 

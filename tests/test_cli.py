@@ -429,6 +429,7 @@ def test_one_node_per_data_dir(
 
     # With no node running the CLI does the work itself, under the data-dir lock.
     direct = invite(ca_dir, "node-03")
+    assert set(direct) == set(via_api)
     status = as_json(koi(ca_dir, "certmesh", "status", "--json"))
     assert {m["hostname"] for m in status["members"]} == {"ca-host", "node-02"}
     ca = serve_ca(serve, ca_dir, passphrase_file)
@@ -464,8 +465,16 @@ def test_errors_are_one_line_with_a_code(
     ok(join(member, "node-02", ca, good))
     assert error_code(join(tmp_path / "b2", "node-02", ca, good)) == "invalid_auth"
 
+    wrong = tmp_path / "wrong-passphrase"
+    wrong.write_text("not the passphrase\n")
+    unlock = koi(ca_dir, "certmesh", "unlock", "--passphrase-file", str(wrong))
+    assert error_code(unlock) == "invalid_auth"
+
     assert ca.stop() == 0
     assert error_code(koi(ca_dir, "certmesh", "revoke", "no-such-host")) == "not_found"
+    assert error_code(koi(ca_dir, "certmesh", "unlock", "--passphrase-file", str(wrong))) == (
+        "invalid_auth"
+    )
     again = koi(
         ca_dir, "certmesh", "create", "--passphrase-file", str(passphrase_file), hostname="ca-host"
     )
