@@ -86,7 +86,8 @@ async def _json_answer(response: aiohttp.ClientResponse) -> dict[str, Any]:
     raw = await _read_capped(response)
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # refuse lone surrogates
+    except (UnicodeError, json.JSONDecodeError, RecursionError):
         value = None
     if response.status != 200:
         if isinstance(value, dict) and isinstance(value.get("error"), str):

@@ -59,8 +59,8 @@ class NodeService(Protocol):
 
 
 def _require_token(request: web.Request, token: str) -> None:
-    given = request.headers.get(TOKEN_HEADER, "")
-    if not hmac.compare_digest(given.encode(), token.encode()):
+    given = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "replace")
+    if not hmac.compare_digest(given, token.encode()):
         raise Unauthorized("Missing or invalid x-koi-token header")
 
 

@@ -92,7 +92,7 @@ def run_tray(config: NodeConfig, backend: str = "qt") -> int:
         autostart_data_dir=_autostart_data_dir(config.data_dir),
     )
     controller.show()
-    log.info("koi-tray %s icon shown %.2f s after start", backend, time.monotonic() - started)
+    log.info("koi-tray (%s) shown %.2f s after start", backend, time.monotonic() - started)
     try:
         with loop:
             return loop.run_until_complete(_main(controller, config, board))

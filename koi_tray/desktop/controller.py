@@ -120,12 +120,14 @@ class TrayController(QObject):
         if self.backend.available():
             self.backend.show()
             self.tray_shown = True
+            log.info("%s tray icon shown", self.backend.name)
             return
         log.warning(
             "no system tray here (%s); showing the koi-tray window instead",
             self.backend.unavailable_reason(),
         )
         self.open_window()
+        log.info("status window shown")
 
     def attach(self, node: Node) -> None:
         """Follow `node`: render its snapshots, notify on alerts, refresh every minute."""

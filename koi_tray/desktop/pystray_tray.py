@@ -88,7 +88,7 @@ class PystrayTray:
         if not self.available():
             raise RuntimeError(self.unavailable_reason())
         pystray = self._pystray
-        self._icon = pystray.Icon(ICON_NAME, self._image, self._title, menu=self._build_menu())
+        self._icon = pystray.Icon(ICON_NAME, self._image, self._title, menu=self.build_menu())
         _accept_clicks_on_xorg(self._icon)
         self._thread = threading.Thread(
             target=self._icon.run, args=(_make_visible,), name="pystray", daemon=True
@@ -130,7 +130,8 @@ class PystrayTray:
 
     # -- the menu ---------------------------------------------------------------------------
 
-    def _build_menu(self) -> Any:
+    def build_menu(self) -> Any:
+        """Make the `pystray.Menu` that renders the latest model (`show` does this once)."""
         pystray = self._pystray
         entries = [
             pystray.MenuItem("Open koi-tray", self._hop_activate, default=True, visible=False)

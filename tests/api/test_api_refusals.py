@@ -49,6 +49,7 @@ MALFORMED: list[bytes | str] = [
     "null",
     "true",
     b"\xff\xfe{}",
+    '{"hostname": "node-01", "reason": "\\ud800"}',  # a lone surrogate: not Unicode text
     "[" * 5000 + "]" * 5000,
 ]
 # Routes that read a JSON body, by port: (method, route).
@@ -204,7 +205,7 @@ async def test_malformed_and_oversized_bodies(nodes: Nodes) -> None:
         url = nodes.http(route, member)
         await check.expect(413, "payload_too_large", method, url, OVERSIZED, token=member.token)
     check.check()
-    assert check.count == 8 * 9 + 2 * 9 + 2 * 9 + 12 + 2 + 2
+    assert check.count == (8 + 2 + 2) * len(MALFORMED) + 12 + 2 + 2
 
 
 @pytest.mark.asyncio
@@ -306,6 +307,19 @@ async def test_management_routes_need_the_token(nodes: Nodes) -> None:
         await check.expect(401, "unauthorized", method, url, data)
         await check.expect(401, "unauthorized", method, url, data, token=ca.token)
     check.check()
+
+    # A token header that is not UTF-8 is just a wrong token.
+    port = nodes.ca.address("http")[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /v1/certmesh/log HTTP/1.1\r\nHost: x\r\nx-koi-token: \xff\xfe\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), reply
+    assert json.loads(body)["error"] == "unauthorized"
 
 
 @pytest.mark.asyncio

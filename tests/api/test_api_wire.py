@@ -44,12 +44,19 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from koi_tray.api.client import fetch_json
 from koi_tray.certmesh import pki
 from koi_tray.certmesh.bundle import build_bundle, sign_bundle, verify_bundle
 from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest
 from koi_tray.certmesh.clock import ManualClock, SystemClock
 from koi_tray.certmesh.enrollment import enroll
-from koi_tray.certmesh.errors import ApprovalDenied, InvalidAuth, InvalidPayload, RenewalFailed
+from koi_tray.certmesh.errors import (
+    ApprovalDenied,
+    CertmeshError,
+    InvalidAuth,
+    InvalidPayload,
+    RenewalFailed,
+)
 from koi_tray.certmesh.layout import DataDir
 from koi_tray.certmesh.member import Membership, MemberState, check_issued_leaf
 from koi_tray.certmesh.timefmt import parse_timestamp
@@ -421,6 +428,26 @@ async def test_joiner_refuses_a_join_answer_from_another_ca(
         )
     assert not (tmp_path / "m" / "certmesh" / "member.json").exists()
     assert not (tmp_path / "m" / "certs" / "node-02" / "cert.pem").exists()
+
+
+@pytest.mark.asyncio
+async def test_client_turns_garbage_answers_into_certmesh_errors(
+    fake_ca: Callable[..., Any],
+) -> None:
+    """A broken or hostile CA (the bundle travels over plain HTTP) cannot crash a member."""
+    answers = [
+        web.Response(text="[" * 5000 + "]" * 5000, content_type="application/json"),
+        web.Response(text='{"bundle": "\\udc00"}', content_type="application/json"),
+        web.Response(text="<html>nope</html>", status=502),
+        web.Response(text='["not", "an", "object"]', content_type="application/json"),
+    ]
+    for answer in answers:
+        fake = await fake_ca("cd" * 32, lambda answer=answer: answer)
+        with pytest.raises(CertmeshError):
+            await fetch_json("POST", f"{fake.url}/v1/certmesh/join", body={})
+    fake = await fake_ca("cd" * 32, denied)
+    with pytest.raises(ApprovalDenied):
+        await fetch_json("POST", f"{fake.url}/v1/certmesh/join", body={})
 
 
 # -- what the member client accepts from a Koi CA ----------------------------------------

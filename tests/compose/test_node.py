@@ -240,3 +240,35 @@ async def test_the_ca_keeps_serving_while_a_join_waits_for_a_person(tmp_path):
     await joining
     await member.shutdown()
     await ca_node.shutdown()
+
+
+async def _server_leaf_fingerprint(node: Node) -> str:
+    """Handshake with the mTLS port and return the fingerprint of the leaf it presents."""
+    from cryptography import x509
+
+    from koi_tray.api.client import member_client_context
+    from koi_tray.certmesh import pki
+
+    context = member_client_context(node.ca.leaf_store)
+    host, port = node.address("mtls")
+    reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    await writer.wait_closed()
+    return pki.fingerprint(x509.load_der_x509_certificate(der))
+
+
+@pytest.mark.asyncio
+async def test_the_mtls_port_presents_the_renewed_ca_leaf_without_a_restart(tmp_path):
+    ca_node = await make_ca_node(tmp_path, deny_and_log_decider(), preset="just-me")
+    before = await _server_leaf_fingerprint(ca_node)
+    assert before == ca_node.ca.leaf_store.read().fingerprint
+
+    result = await ca_node.renew_now(force=True)
+
+    after = await _server_leaf_fingerprint(ca_node)
+    assert result["outcome"] == "renewed"
+    assert after != before
+    assert after == ca_node.ca.leaf_store.read().fingerprint
+    assert ca_node.ca.roster.find("ca-host").cert_fingerprint == after
+    await ca_node.shutdown()
