@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import member_csr
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -327,7 +326,7 @@ def test_mesh_across_processes_join_renew_revoke(
     assert "revoked node-02" in ok(koi(ca_dir, "certmesh", "revoke", "node-02")).stdout
 
     # The CA refuses the member's own leaf on the mTLS port, and says why.
-    _, csr = member_csr("node-02")
+    csr = pki.build_csr(pki.generate_key(), "node-02", ["node-02", "node-02.local"]).decode()
     status, body = mtls_post(ca.mtls_port, leaf_dir, "renew", {"hostname": "node-02", "csr": csr})
     assert (status, body["error"]) == (403, "revoked")
     assert "mtls_revoked_rejected" in ok(koi(ca_dir, "certmesh", "log")).stdout

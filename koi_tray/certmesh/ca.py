@@ -59,6 +59,7 @@ from koi_tray.certmesh.roster import (
     Roster,
     RosterMember,
 )
+from koi_tray.certmesh.rosterstore import RosterStore
 from koi_tray.certmesh.timefmt import format_timestamp
 
 log = logging.getLogger(__name__)
@@ -158,9 +159,9 @@ class CertificateAuthority:
         self.ca_cert_pem = pki.cert_to_pem(self.ca_cert).decode()
         self.locked_reason: str | None = "the CA key is locked; unlock it with the passphrase"
         self.auto_unlock_problem: str | None = None
-        self._roster = roster
+        self.rosters = RosterStore(data.roster, roster)
         self._key: ec.EllipticCurvePrivateKey | None = None
-        self._lock = threading.RLock()
+        self._lock = self.rosters.lock
         self._pending_lock = threading.Lock()
         self._pending: dict[str, PendingJoin] = {}
 
@@ -214,7 +215,7 @@ class CertificateAuthority:
         ca = cls(data, hostname, roster, clock, audit)
         ca._key = key
         ca.locked_reason = None
-        ca._write_roster(roster)
+        ca.rosters.write_now(roster)
         ca.renew_self(force=True)
         audit.record(
             "ca_initialized",
@@ -315,11 +316,12 @@ class CertificateAuthority:
 
     @property
     def roster(self) -> Roster:
-        return self._roster
+        """The roster as it is on disk (what status and trust bundles tell others)."""
+        return self.rosters.durable
 
-    def _write_roster(self, roster: Roster) -> None:
-        atomic_write_json(self.data.roster, roster.to_json())
-        self._roster = roster
+    @property
+    def _roster(self) -> Roster:
+        return self.rosters.working
 
     def _require_key(self) -> ec.EllipticCurvePrivateKey:
         key = self._key
@@ -330,15 +332,13 @@ class CertificateAuthority:
     # -- posture, invites, revocation, hooks ----------------------------------------------
 
     def set_enrollment(self, open_: bool, operator: str | None = None) -> None:
-        with self._lock:
-            self._write_roster(replace(self._roster, enrollment_open=open_))
+        self.rosters.write_now(replace(self._roster, enrollment_open=open_))
         self.audit.record("enrollment_opened" if open_ else "enrollment_closed", operator=operator)
 
     def set_requires_approval(self, required: bool, operator: str | None = None) -> None:
-        with self._lock:
-            if required and not (operator or self._roster.operator):
-                raise InvalidPayload("an operator name is required when joins need approval")
-            self._write_roster(replace(self._roster, requires_approval=required))
+        if required and not (operator or self._roster.operator):
+            raise InvalidPayload("an operator name is required when joins need approval")
+        self.rosters.write_now(replace(self._roster, requires_approval=required))
         self.audit.record("approval_policy_changed", requires_approval=required, operator=operator)
 
     def mint_invite(self, hostname: object, ttl: dt.timedelta | None = None) -> MintedInvite:
@@ -365,7 +365,8 @@ class CertificateAuthority:
             if same_host(member.hostname, self.hostname):
                 raise ScopeViolation("the CA cannot revoke its own node")
             revocation = Revocation(member.hostname, self.clock.now(), operator, reason)
-            self._write_roster(self._roster.with_revocation(revocation))
+            generation = self.rosters.stage(self._roster.with_revocation(revocation))
+        self.rosters.commit(generation)
         self.audit.record(
             "member_revoked",
             hostname=member.hostname,
@@ -383,7 +384,9 @@ class CertificateAuthority:
                 raise NotFound(f"no member named {host}")
             if not member.active:
                 raise Revoked(f"{host} is revoked")
-            self._write_roster(self._roster.with_member(replace(member, reload_hook=hook), False))
+            hooked = self._roster.with_member(replace(member, reload_hook=hook), bump=False)
+            generation = self.rosters.stage(hooked)
+        self.rosters.commit(generation)
 
     # -- enrollment ----------------------------------------------------------------------
 
@@ -516,8 +519,9 @@ class CertificateAuthority:
                     last_seen=now,
                     pinned_ca_fingerprint=self.ca_fingerprint,
                 )
-                self._write_roster(roster.with_member(member))
-                self.invites.spend(pending.reservation)
+                generation = self.rosters.stage(roster.with_member(member))
+            self.rosters.commit(generation)
+            self.invites.spend(pending.reservation)
         except Exception as exc:
             self.abandon_join(pending, "enroll_failed", str(exc))
             raise
@@ -604,7 +608,8 @@ class CertificateAuthority:
                 cert_expires=cert.not_valid_after_utc,
                 last_seen=now,
             )
-            self._write_roster(roster.with_member(renewed))
+            generation = self.rosters.stage(roster.with_member(renewed))
+        self.rosters.commit(generation)
 
         self.audit.record(
             "cert_renewed",
@@ -624,6 +629,7 @@ class CertificateAuthority:
 
     def health(self, client_cn: str | None, hostname: object, pinned: object) -> dict[str, Any]:
         host = validate_hostname(hostname)
+        self._require_key()
         if client_cn is None or not same_host(client_cn, host):
             raise ScopeViolation(f"the client certificate is for {client_cn!r}, not {host!r}")
         with self._lock:
@@ -633,7 +639,9 @@ class CertificateAuthority:
             member = self._roster.find(host)
             if member is not None:
                 touched = replace(member, last_seen=self.clock.now())
-                self._write_roster(self._roster.with_member(touched, bump=False))
+                generation = self.rosters.stage(self._roster.with_member(touched, bump=False))
+        if member is not None:
+            self.rosters.commit(generation)
         return {"valid": pinned == self.ca_fingerprint, "ca_fingerprint": self.ca_fingerprint}
 
     def self_leaf_due(self) -> bool:
@@ -678,7 +686,8 @@ class CertificateAuthority:
                 previous_cert_fingerprint=old.cert_fingerprint if old else None,
             )
             self.leaf_store.install(leaf_key, cert, self.ca_cert)
-            self._write_roster(roster.with_member(entry))
+            generation = self.rosters.stage(roster.with_member(entry))
+        self.rosters.commit(generation)
 
         self.audit.record("self_enroll", hostname=self.hostname, fingerprint=entry.cert_fingerprint)
         log.info(
@@ -689,16 +698,15 @@ class CertificateAuthority:
     # -- what the CA tells others ---------------------------------------------------------
 
     def trust_bundle(self) -> dict[str, Any]:
-        """Sign the current roster projection (re-signed per call, like Koi)."""
+        """Sign the durable roster's projection (re-signed per call, like Koi)."""
         key = self._require_key()
-        with self._lock:
-            roster = self._roster
+        roster = self.roster
         bundle = build_bundle(roster, self.ca_cert_pem, self.ca_fingerprint, self.clock.now())
         return sign_bundle(bundle, key)
 
     def status(self) -> dict[str, Any]:
         """Koi's `/status` body; never blocks on a pending approval."""
-        roster = self._roster
+        roster = self.roster
         return {
             "ca_initialized": True,
             "ca_locked": self.locked,

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 APP_ID = "koi-tray"
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_CRASHED = 2
 NODE_MODULE = "koi_tray.compose.node"
 
 
@@ -58,11 +59,24 @@ def run_tray(config: NodeConfig, backend: str = "qt") -> int:
 
     Returns:
         0 after a normal quit, 1 when the node could not start (another koi-tray runs
-        for the same data dir, a port is taken, a state file is damaged).
+        for the same data dir, a port is taken, a state file is damaged), 2 after an
+        unexpected error (its traceback is in the log file).
     """
     started = time.monotonic()
     log_path = logs.setup_logging()
-    config = dataclasses.replace(config, host_kind="tray")
+    try:
+        return _run(dataclasses.replace(config, host_kind="tray"), backend, log_path, started)
+    except Exception as exc:
+        log.critical("koi-tray stopped on an unexpected error: %r", exc, exc_info=True)
+        if not logs.logs_to_console():
+            print(
+                f"koi-tray stopped on an unexpected error: {exc!r} (see {log_path})",
+                file=sys.stderr,
+            )
+        return EXIT_CRASHED
+
+
+def _run(config: NodeConfig, backend: str, log_path: Path, started: float) -> int:
     if is_locked(DataDir(config.data_dir).lock_file):
         return _refuse(f"koi-tray is already running for {config.data_dir}")
 

@@ -117,15 +117,18 @@ class TrayController(QObject):
         """Show the icon (starting state), or the status window where there is no tray."""
         self._autostart_on = self._read_autostart()
         self._render(None)
+        reason = self.backend.unavailable_reason()
         if self.backend.available():
-            self.backend.show()
-            self.tray_shown = True
-            log.info("%s tray icon shown", self.backend.name)
-            return
-        log.warning(
-            "no system tray here (%s); showing the koi-tray window instead",
-            self.backend.unavailable_reason(),
-        )
+            try:
+                self.backend.show()
+            except Exception as exc:
+                reason = f"the {self.backend.name} tray failed to start: {exc!r}"
+                log.debug("tray backend traceback", exc_info=True)
+            else:
+                self.tray_shown = True
+                log.info("%s tray icon shown", self.backend.name)
+                return
+        log.warning("no system tray here (%s); showing the koi-tray window instead", reason)
         self.open_window()
         log.info("status window shown")
 
@@ -263,6 +266,8 @@ class TrayController(QObject):
         node = self.node
         if key == m.QUIT:
             self.request_quit()
+        elif key == m.STATUS:
+            self.open_window()
         elif key == m.APPROVAL and arg:
             if not self.board.raise_dialog(arg):
                 log.info("approval %s has no dialog yet (waiting for a free slot)", arg)

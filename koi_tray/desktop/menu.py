@@ -4,7 +4,9 @@ This module owns what the menu says and which actions it offers; it imports no Q
 tray library. Every backend (Qt's tray, pystray, the no-tray status window) renders the
 same model, so what a person sees does not depend on the desktop.
 
-The model always holds the same keys in the same order. Items that do not apply (the CA
+Status lines are enabled items, so every desktop theme draws them in full contrast (a
+disabled item is greyed to near-invisible in several); clicking one opens the status
+window. The model always holds the same keys in the same order. Items that do not apply (the CA
 lines on a member, "Unlock CA…" on an unlocked CA) are present with `visible=False`, so a
 backend builds its native menu once and afterwards only updates text, state and
 visibility by key. Only the children of the two submenus (members, pending approvals)
@@ -26,7 +28,9 @@ CHECK = "check"
 SUBMENU = "submenu"
 SEPARATOR = "separator"
 
-# Action keys, as the backends report them back.
+# Action keys, as the backends report them back. A click on a status line reports STATUS
+# (with the line's key as argument): it opens the status window.
+STATUS = "status"
 APPROVALS = "approvals"
 APPROVAL = "approval"
 RENEW = "renew"
@@ -177,7 +181,7 @@ def _status_items(snapshot: NodeSnapshot | None, tz: dt.tzinfo | None) -> tuple[
     if snapshot is None or snapshot.shutting_down:
         words = "Starting…" if snapshot is None else "Stopping…"
         return (
-            MenuItem("role", words, enabled=False),
+            MenuItem("role", words),
             *(
                 MenuItem(
                     key, kind=SUBMENU if key == "members" else INFO, enabled=False, visible=False
@@ -187,8 +191,8 @@ def _status_items(snapshot: NodeSnapshot | None, tz: dt.tzinfo | None) -> tuple[
         )
     now = snapshot.taken_at
     lines = (
-        MenuItem("role", _role_line(snapshot), enabled=False),
-        MenuItem("leaf", _leaf_line(snapshot), enabled=False, visible=_in_mesh(snapshot)),
+        MenuItem("role", _role_line(snapshot)),
+        MenuItem("leaf", _leaf_line(snapshot), visible=_in_mesh(snapshot)),
         *_renewal_items(snapshot, now, tz),
         _bundle_item(snapshot, now),
         *_ca_items(snapshot),
@@ -258,9 +262,9 @@ def _renewal_items(
         wait = view.next_check_at - now
         upcoming = f"Next check: {_clock(view.next_check_at, now, tz)} ({_until(wait)})"
     return (
-        MenuItem("renewal_last", last, enabled=False, visible=shown, tooltip=view.last_detail),
-        MenuItem("renewal_detail", f"    {detail}", enabled=False, visible=shown and bool(detail)),
-        MenuItem("renewal_next", upcoming, enabled=False, visible=shown),
+        MenuItem("renewal_last", last, visible=shown, tooltip=view.last_detail),
+        MenuItem("renewal_detail", f"    {detail}", visible=shown and bool(detail)),
+        MenuItem("renewal_next", upcoming, visible=shown),
     )
 
 
@@ -275,7 +279,7 @@ def _bundle_item(snapshot: NodeSnapshot, now: dt.datetime) -> MenuItem:
         text = "Trust bundle: none received yet"
     else:
         text = f"Trust bundle: seq {bundle.seq}{revoked}, received {_ago(now - bundle.received_at)}"
-    return MenuItem("bundle", text, enabled=False)
+    return MenuItem("bundle", text)
 
 
 def _ca_items(snapshot: NodeSnapshot) -> tuple[MenuItem, ...]:
@@ -292,12 +296,10 @@ def _ca_items(snapshot: NodeSnapshot) -> tuple[MenuItem, ...]:
         header += f", {revoked} revoked"
     rows = tuple(
         MenuItem(
-            "member",
-            f"{m.hostname}{_role_note(m.role)} — {m.status}, until {m.expires:%Y-%m-%d}",
-            enabled=False,
+            STATUS, f"{m.hostname}{_role_note(m.role)} — {m.status}, until {m.expires:%Y-%m-%d}"
         )
         for m in ca.members
-    ) or (MenuItem("member", "(no members yet)", enabled=False),)
+    ) or (MenuItem(STATUS, "(no members yet)"),)
 
     if ca.enrollment_open:
         approval = "approval required" if ca.requires_approval else "no approval needed"
@@ -307,8 +309,8 @@ def _ca_items(snapshot: NodeSnapshot) -> tuple[MenuItem, ...]:
     key = "CA key: LOCKED (use Unlock CA…)" if ca.locked else "CA key: unlocked"
     return (
         MenuItem("members", header, SUBMENU, children=rows),
-        MenuItem("enrollment", enrollment, enabled=False),
-        MenuItem("ca_key", key, enabled=False, tooltip=ca.locked_reason or ""),
+        MenuItem("enrollment", enrollment),
+        MenuItem("ca_key", key, tooltip=ca.locked_reason or ""),
     )
 
 

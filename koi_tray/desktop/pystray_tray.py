@@ -25,7 +25,7 @@ from PIL import Image
 
 from koi_tray.desktop.backend import ActionHandler, ActivateHandler
 from koi_tray.desktop.icons import IconState, render_icon
-from koi_tray.desktop.menu import CHECK, INFO, SEPARATOR, SUBMENU, MenuItem, MenuModel
+from koi_tray.desktop.menu import CHECK, INFO, SEPARATOR, STATUS, SUBMENU, MenuItem, MenuModel
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ class PystrayTray:
         if not self.available():
             raise RuntimeError(self.unavailable_reason())
         pystray = self._pystray
-        self._icon = pystray.Icon(ICON_NAME, self._image, self._title, menu=self.build_menu())
+        title = _x11_title(self._title)
+        self._icon = pystray.Icon(ICON_NAME, self._image, title, menu=self.build_menu())
         _accept_clicks_on_xorg(self._icon)
         self._thread = threading.Thread(
             target=self._icon.run, args=(_make_visible,), name="pystray", daemon=True
@@ -104,7 +105,7 @@ class PystrayTray:
     def set_tooltip(self, text: str) -> None:
         self._title = text
         if self._icon is not None:
-            self._icon.title = text
+            self._icon.title = _x11_title(text)
 
     def set_menu(self, model: MenuModel) -> None:
         self._model = model
@@ -158,7 +159,7 @@ class PystrayTray:
             submenu = pystray.Menu(lambda: self._children(key))
             return pystray.MenuItem(text, submenu, enabled=enabled, visible=visible)
         checked = (lambda _item: self._item(key).checked) if kind == CHECK else None
-        action = None if kind == INFO else self._hop(key, None)
+        action = self._hop(STATUS, key) if kind == INFO else self._hop(key, None)
         return pystray.MenuItem(text, action, checked=checked, enabled=enabled, visible=visible)
 
     def _children(self, key: str) -> Iterator[Any]:
@@ -178,6 +179,11 @@ class PystrayTray:
 
     def _hop_activate(self, _icon: Any, _item: Any) -> None:
         self._loop.call_soon_threadsafe(self._on_activate)
+
+
+def _x11_title(text: str) -> str:
+    """Make `text` fit pystray's xorg window name, which python-xlib encodes as Latin-1."""
+    return text.replace("…", "...").encode("latin-1", "replace").decode("latin-1")
 
 
 def _make_visible(icon: Any) -> None:

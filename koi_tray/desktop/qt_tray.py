@@ -20,7 +20,7 @@ from PySide6.QtGui import QAction, QIcon, QPixmap
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 from koi_tray.desktop.backend import ActionHandler, ActivateHandler
-from koi_tray.desktop.menu import CHECK, INFO, SEPARATOR, SUBMENU, MenuItem, MenuModel
+from koi_tray.desktop.menu import CHECK, INFO, SEPARATOR, STATUS, SUBMENU, MenuItem, MenuModel
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,9 @@ class QtTray(QObject):
             action = self.menu.addAction(item.text)
             if item.kind == CHECK:
                 action.setCheckable(True)
-            if item.kind != INFO:
+            if item.kind == INFO:
+                action.triggered.connect(functools.partial(self._fire, STATUS, item.key))
+            else:
                 action.triggered.connect(functools.partial(self._fire, item.key, item.arg))
         self._actions[item.key] = action
         return action

@@ -137,7 +137,7 @@ class StatusWindow(QWidget):
     def _clicked(self, key: str) -> None:
         self.action_requested.emit(key, None)
 
-    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt's name)
+    def closeEvent(self, event: QCloseEvent) -> None:
         if self.persistent:
             event.ignore()
             self.showMinimized()

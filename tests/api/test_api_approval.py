@@ -131,3 +131,5 @@ async def test_shutdown_denies_a_waiting_join(
         await asyncio.wait_for(waiting, 10)
     assert getattr(refused.value, "code", None) in ("approval_denied", "renewal_failed")
     assert not (tmp_path / "m" / "certmesh" / "member.json").exists()
+    events = [(event, fields.get("hostname")) for _, event, fields in ca.ca.audit.events()]
+    assert ("enroll_approval_denied", "node-02") in events

@@ -17,8 +17,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-from apitools import client_context, join, mtls_base, no_keyring, run_tool, snapshot, start_ca
-from conftest import member_csr
+from apitools import (
+    client_context,
+    join,
+    member_csr,
+    mtls_base,
+    no_keyring,
+    run_tool,
+    snapshot,
+    start_ca,
+)
 from cryptography import x509
 
 from koi_tray.certmesh import pki

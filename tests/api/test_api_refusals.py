@@ -26,6 +26,7 @@ from apitools import (
     http_base,
     invite_code,
     join,
+    member_csr,
     mtls_base,
     no_keyring,
     raw,
@@ -33,7 +34,6 @@ from apitools import (
     start_ca,
     start_member,
 )
-from conftest import member_csr
 
 from koi_tray.api.server import MAX_BODY_BYTES
 from koi_tray.certmesh import audit

@@ -29,13 +29,13 @@ from apitools import (
     http_base,
     invite_code,
     join,
+    member_csr,
     mtls_base,
     no_keyring,
     raw,
     snapshot,
     start_ca,
 )
-from conftest import member_csr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes

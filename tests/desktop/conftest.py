@@ -32,4 +32,3 @@ def _qasync_loop() -> qasync.QEventLoop:
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
     """Run this folder's async tests and fixtures on a qasync loop."""
     return {"qasync": _qasync_loop}
-

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from desktoptools import http_url, make_request, start_node, wait_until
 from PySide6.QtCore import Qt
 from PySide6.QtTest import QTest
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QWidget
 
-from koi_tray.certmesh.approval import Approved, Denied
+from koi_tray.certmesh.approval import ApprovalRequest, Approved, Decision, Denied
 from koi_tray.compose.deciders import deny_and_log_decider
 from koi_tray.desktop import approval
 from koi_tray.desktop.approval import ApprovalBoard, ApprovalDialog, dialog_decider
@@ -20,7 +21,9 @@ from koi_tray.desktop.approval import ApprovalBoard, ApprovalDialog, dialog_deci
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 
-async def open_one(board: ApprovalBoard, request=None, **kw):  # noqa: ANN001, ANN201
+async def open_one(
+    board: ApprovalBoard, request: ApprovalRequest | None = None, **kw: Any
+) -> tuple[asyncio.Future[Decision], ApprovalDialog]:
     """Start the decider on one request; return (task, dialog) once the dialog is up."""
     request = request or make_request(**kw)
     task = asyncio.ensure_future(dialog_decider(board)(request))
@@ -29,7 +32,7 @@ async def open_one(board: ApprovalBoard, request=None, **kw):  # noqa: ANN001, A
     return task, dialog
 
 
-def click(widget) -> None:  # noqa: ANN001
+def click(widget: QWidget) -> None:
     QTest.mouseClick(widget, Qt.MouseButton.LeftButton)
 
 

@@ -29,7 +29,10 @@ def test_ca_menu_shows_mesh_certificate_members_and_posture() -> None:
 
     assert model.find("role").text == f"CA of mesh {CA_FINGERPRINT[:16]} · ca-host"
     assert model.find("leaf").text == "Certificate for ca-host: 89 days left (until 2027-02-28)"
-    assert model.find("renewal_last").text == "Last renewal check: OK, not due yet at 08:57 (3 min ago)"
+    assert (
+        model.find("renewal_last").text
+        == "Last renewal check: OK, not due yet at 08:57 (3 min ago)"
+    )
     assert model.find("renewal_next").text == "Next check: 09:57 (in 57 min)"
     assert model.find("bundle").text == "Trust bundle: seq 3, published here"
     members = model.find("members")

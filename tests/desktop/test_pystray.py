@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import pytest
 from desktoptools import NOW, ca_snapshot, make_request, wait_until
@@ -19,7 +20,7 @@ from koi_tray.desktop import menu as m
 from koi_tray.desktop.pystray_tray import PystrayTray
 
 
-def visible_texts(menu) -> list[str]:  # noqa: ANN001
+def visible_texts(menu: Any) -> list[str]:
     return [item.text for item in menu if item.text != "- - - -"]
 
 
@@ -53,8 +54,12 @@ async def test_clicks_on_pystray_threads_reach_the_loop() -> None:
     tray.available()
     seen: list[tuple[str, str | None, bool]] = []
     tray.bind(
-        lambda key, arg: seen.append((key, arg, threading.current_thread() is threading.main_thread())),
-        lambda: seen.append(("activate", None, threading.current_thread() is threading.main_thread())),
+        lambda key, arg: seen.append(
+            (key, arg, threading.current_thread() is threading.main_thread())
+        ),
+        lambda: seen.append(
+            ("activate", None, threading.current_thread() is threading.main_thread())
+        ),
     )
     request = make_request(now=NOW)
     tray.set_menu(m.build_menu(ca_snapshot(pending=(request,))))

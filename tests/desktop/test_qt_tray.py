@@ -75,12 +75,17 @@ def test_actions_report_their_key_and_argument(tray: QtTray) -> None:
     ]
 
 
-def test_status_lines_cannot_be_clicked(tray: QtTray) -> None:
+def test_status_lines_are_readable_and_open_the_status_window(tray: QtTray) -> None:
+    fired: list[tuple[str, str | None]] = []
+    tray.bind(lambda key, arg: fired.append((key, arg)), lambda: None)
     tray.set_menu(m.build_menu(ca_snapshot()))
 
-    for key in ("role", "leaf", "renewal_last", "enrollment", "ca_key"):
-        assert not tray.action(key).isEnabled(), key
-    assert tray.action("members").isEnabled()
+    for key in ("role", "leaf", "renewal_last", "enrollment", "ca_key", "members"):
+        assert tray.action(key).isEnabled(), key
+    tray.action("leaf").trigger()
+    tray.pool("members")[0].trigger()
+
+    assert fired == [(m.STATUS, "leaf"), (m.STATUS, None)]
 
 
 def test_icon_and_tooltip_reach_the_tray(tray: QtTray) -> None:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -21,6 +22,7 @@ from desktoptools import PASSPHRASE, http_url, node_config, start_node, wait_unt
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtTest import QTest
+from PySide6.QtWidgets import QWidget
 
 from koi_tray.autostart import autostart_for_platform
 from koi_tray.certmesh import ca as ca_module
@@ -28,7 +30,8 @@ from koi_tray.certmesh import keystore
 from koi_tray.certmesh.errors import CertmeshError
 from koi_tray.compose.deciders import deny_and_log_decider
 from koi_tray.compose.node import Node
-from koi_tray.desktop import approval, controller as controller_module
+from koi_tray.desktop import approval
+from koi_tray.desktop import controller as controller_module
 from koi_tray.desktop import menu as m
 from koi_tray.desktop.approval import ApprovalBoard, dialog_decider
 from koi_tray.desktop.controller import TrayController
@@ -59,7 +62,7 @@ class Tray:
         return await asyncio.wait_for(self.controller.wait_closed(), 10)
 
 
-async def attach_tray(node: Node, board: ApprovalBoard, tmp_path: Path, **kw) -> Tray:  # noqa: ANN003
+async def attach_tray(node: Node, board: ApprovalBoard, tmp_path: Path, **kw: Any) -> Tray:
     tray = QtTray()
     opened: list[Path] = []
     controller = TrayController(
@@ -72,9 +75,7 @@ async def attach_tray(node: Node, board: ApprovalBoard, tmp_path: Path, **kw) ->
 
 async def start_ca(tmp_path: Path, preset: str = "team") -> tuple[Node, ApprovalBoard]:
     board = ApprovalBoard()
-    node = Node(
-        node_config(tmp_path, "ca-host"), dialog_decider(board), kdf=keystore.FAST_TEST_KDF
-    )
+    node = Node(node_config(tmp_path, "ca-host"), dialog_decider(board), kdf=keystore.FAST_TEST_KDF)
     await node.start()
     await node.create_ca(PASSPHRASE, preset, "Alice")
     return node, board
@@ -100,14 +101,12 @@ def begin_join(ca: Node, member: Node, codes: list[str]) -> asyncio.Future[None]
     return asyncio.ensure_future(member.join_mesh(http_url(ca), invite.code, codes.append))
 
 
-def click(widget) -> None:  # noqa: ANN001
+def click(widget: QWidget) -> None:
     QTest.mouseClick(widget, Qt.MouseButton.LeftButton)
 
 
 @pytest.mark.asyncio
-async def test_join_approved_in_the_dialog_enrols_the_member(
-    ca_tray: Tray, member: Node
-) -> None:
+async def test_join_approved_in_the_dialog_enrols_the_member(ca_tray: Tray, member: Node) -> None:
     codes: list[str] = []
     join = begin_join(ca_tray.node, member, codes)
 
@@ -124,7 +123,9 @@ async def test_join_approved_in_the_dialog_enrols_the_member(
     await asyncio.wait_for(join, 10)
 
     roster = ca_tray.node.ca.roster
-    assert ("node-02", "member", "active") in [(x.hostname, x.role, x.status) for x in roster.members]
+    assert ("node-02", "member", "active") in [
+        (x.hostname, x.role, x.status) for x in roster.members
+    ]
     assert member.role == "member"
     assert member.status.snapshot.leaf is not None
     assert member.status.snapshot.leaf.hostname == "node-02"
