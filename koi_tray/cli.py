@@ -36,7 +36,9 @@ EXIT_USAGE = 2
 
 
 class CliError(Exception):
-    """A refusal the command line reports in one line."""
+    """A refusal the command line reports in one line (bad use, unreadable input)."""
+
+    code = "usage"
 
 
 # -- argument parsing -------------------------------------------------------------------

@@ -479,7 +479,7 @@ def test_errors_are_one_line_with_a_code(
     )
     assert error_code(again) == "conflict"
     unreachable = join(tmp_path / "d", "node-04", ca, good)
-    assert error_code(unreachable) == "renewal_failed"
+    assert error_code(unreachable) == "ca_unreachable"
     assert "no answer from" in unreachable.stderr
 
 

@@ -43,6 +43,9 @@ JOIN_TIMEOUT = 330.0
 class CaUnreachable(RenewalFailed):
     """The CA did not answer: connection refused, timed out, TLS failed before HTTP."""
 
+    code = "ca_unreachable"
+    http_status = 503
+
 
 @dataclass(frozen=True)
 class Endpoint:

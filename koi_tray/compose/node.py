@@ -213,6 +213,8 @@ class Node:
             "mtls", app, self.config.mtls_bind, self.config.mtls_port, self._mtls_context
         )
         await self._reload_leaf()
+        if self.data.breadcrumb.exists():
+            await self._write_breadcrumb()
 
     async def shutdown(self) -> None:
         """Stop in stages; idempotent, and bounded by `config.shutdown_timeout`."""

@@ -17,9 +17,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from koitest import PASSPHRASE, member_csr  # noqa: F401 - re-exported to the API tests
 
 from koi_tray.api.server import PREFIX, TOKEN_HEADER
-from koi_tray.certmesh import keystore, pki
+from koi_tray.certmesh import keystore
 from koi_tray.certmesh.approval import Decider
 from koi_tray.certmesh.clock import SystemClock
 from koi_tray.certmesh.layout import DataDir
@@ -29,19 +30,8 @@ from koi_tray.compose.config import NodeConfig
 from koi_tray.compose.deciders import deny_and_log_decider
 from koi_tray.compose.node import Node
 
-PASSPHRASE = "correct horse battery"
 OPERATOR = "Alice"
 STATE_FILES = ("roster.json", "invites.json", "member.json")
-
-
-def member_csr(hostname: str) -> tuple[Any, str]:
-    """Return (key, csr_pem) for `hostname`, as a joining member makes them.
-
-    The same as the root conftest's helper; defined here because another folder's
-    `conftest.py` can shadow the module name `conftest` during a full run.
-    """
-    key = pki.generate_key()
-    return key, pki.build_csr(key, hostname, [hostname, f"{hostname}.local"]).decode()
 
 
 def no_keyring(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,7 +129,7 @@ async def test_shutdown_denies_a_waiting_join(
         await ca.shutdown()
     with pytest.raises(Exception) as refused:
         await asyncio.wait_for(waiting, 10)
-    assert getattr(refused.value, "code", None) in ("approval_denied", "renewal_failed")
+    assert getattr(refused.value, "code", None) in ("approval_denied", "ca_unreachable")
     assert not (tmp_path / "m" / "certmesh" / "member.json").exists()
     events = [(event, fields.get("hostname")) for _, event, fields in ca.ca.audit.events()]
     assert ("enroll_approval_denied", "node-02") in events

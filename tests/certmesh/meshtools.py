@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conftest import member_csr
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
+from koitest import member_csr
 
 from koi_tray.certmesh import audit, pki
 from koi_tray.certmesh.approval import Decider

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from koitest import PASSPHRASE
 from meshtools import join_member, member_node
 
 from koi_tray.certmesh import keystore

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import member_csr
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from koitest import member_csr
 from meshtools import (
     PEER,
     assert_state_unchanged,

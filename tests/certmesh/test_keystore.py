@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import keyring
 import pytest
-from conftest import PASSPHRASE
 from cryptography.hazmat.primitives import serialization
 from keyring.backend import KeyringBackend
 from keyring.backends import fail
+from koitest import PASSPHRASE
 from meshtools import audit_added, snapshot
 
 from koi_tray.certmesh import keystore, pki

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import member_csr
+from koitest import member_csr
 from meshtools import join_member, member_node
 
 from koi_tray.certmesh import pki

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, member_csr
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from koitest import PASSPHRASE, member_csr
 from meshtools import PEER, join_member, openssl_verify, rfc5280_verify
 
 from koi_tray.certmesh import keystore, pki

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from conftest import member_csr
+from koitest import member_csr
 from meshtools import assert_state_unchanged, audit_added, join_member, snapshot
 
 from koi_tray.certmesh import pki

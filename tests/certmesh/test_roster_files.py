@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE
+from koitest import PASSPHRASE
 from meshtools import join_member, member_node
 
 from koi_tray.certmesh import files

@@ -8,7 +8,7 @@ import io
 import logging
 
 import pytest
-from conftest import START
+from koitest import START
 
 from koi_tray.certmesh.approval import ApprovalRequest, Approved, Denied
 from koi_tray.compose.deciders import (

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import START, member_csr
+from koitest import START, member_csr
 
 from koi_tray.api.client import CaUnreachable
 from koi_tray.certmesh import pki
