@@ -30,7 +30,7 @@ from koi_tray.desktop.menu import CHECK, INFO, SEPARATOR, STATUS, SUBMENU, MenuI
 log = logging.getLogger(__name__)
 
 ICON_NAME = "koi-tray"
-STOP_JOIN_S = 2.0
+STOP_JOIN_S = 5.0
 
 
 class PystrayTray:

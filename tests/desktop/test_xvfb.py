@@ -174,7 +174,7 @@ def test_pystray_icon_docks_and_a_left_click_reaches_the_loop(xserver: str, tmp_
     assert report["has_menu"] is False  # see docs/known-issues.md
     assert report["geometry"][2] > 0 and report["geometry"][0] > 1000
     assert report["left_click_on_loop"]
-    assert report["stop_seconds"] < 2
+    assert report["stop_seconds"] < 4  # run_detached would leave it hanging
 
 
 @pytest.mark.parametrize("backend", ["qt", "pystray"])

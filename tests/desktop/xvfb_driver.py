@@ -143,14 +143,22 @@ async def pystray_scenario(workdir: Path) -> dict[str, Any]:
     report["backend"] = type(icon).__module__
     report["has_menu"] = tray.has_menu
 
-    report["docked"] = bool(await poll(lambda: icon._systray_manager is not None, 10))
-    await asyncio.sleep(0.5)
-    display = icon._display
-    root = display.screen().root
-    size = icon._window.get_geometry()
-    origin = root.translate_coords(icon._window, 0, 0)
-    x, y = origin.x + size.width // 2, origin.y + size.height // 2
-    report["geometry"] = [origin.x, origin.y, size.width, size.height]
+    root = icon._display.screen().root
+
+    def placed() -> list[int] | None:
+        # Docked means trayer has reparented the window and moved it into its panel.
+        if icon._systray_manager is None:
+            return None
+        size = icon._window.get_geometry()
+        origin = root.translate_coords(icon._window, 0, 0)
+        box = [origin.x, origin.y, size.width, size.height]
+        return box if origin.x > 0 and size.width > 1 else None
+
+    box = await poll(placed, 10)
+    report["docked"] = box is not None
+    report["geometry"] = box
+    await asyncio.sleep(0.2)
+    x, y = box[0] + box[2] // 2, box[1] + box[3] // 2
     await xdotool("mousemove", str(x), str(y), "click", "1")
     report["left_click_on_loop"] = await poll(lambda: clicks[:1], 5) == [True]
 
