@@ -188,6 +188,22 @@ def check_csr(pem: object, hostname: str) -> CheckedCsr:
     return CheckedCsr(csr, common_name, public_key_fingerprint(key), dns_names)
 
 
+def key_usage(**allowed: bool) -> x509.KeyUsage:
+    """A KeyUsage extension with only the named bits set."""
+    bits = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
+    return x509.KeyUsage(**{bit: allowed.get(bit, False) for bit in bits})
+
+
 def random_serial() -> int:
     """Return a random positive 159-bit serial (RFC 5280 allows at most 20 octets)."""
     return secrets.randbits(159) | 1
@@ -212,17 +228,7 @@ def create_ca_certificate(key: ec.EllipticCurvePrivateKey, now: dt.datetime) -> 
         .not_valid_after(now + CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(ski, critical=False)
@@ -254,17 +260,7 @@ def issue_leaf(
         .not_valid_after(now + lifetime)
         .add_extension(x509.SubjectAlternativeName(_general_names(sans)), critical=False)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(digital_signature=True, key_encipherment=True),
             critical=True,
         )
         .add_extension(
