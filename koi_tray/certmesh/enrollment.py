@@ -73,7 +73,9 @@ async def enroll(
         ca.abandon_join(pending, "enroll_approval_timeout", f"no decision within {timeout:.0f} s")
         raise ApprovalTimeout(f"no one approved {request.hostname} in time") from None
     except asyncio.CancelledError:
-        ca.abandon_join(pending, "enroll_approval_denied", "cancelled: the node is shutting down")
+        ca.abandon_join(
+            pending, "enroll_approval_denied", "cancelled: the joining host hung up, or shutdown"
+        )
         raise
     except Exception as exc:
         log.debug("approval decider raised for %s", request.hostname, exc_info=True)

@@ -182,7 +182,16 @@ class Node:
     async def _start_site(
         self, name: str, app: web.Application, bind: str, port: int, ssl_context: Any = None
     ) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        # handler_cancellation: a joiner that hangs up while a person decides cancels its
+        # join, so the dialog closes and the invite is released instead of enrolling a
+        # host that will never receive its certificate.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            handler_cancellation=True,
+        )
         await runner.setup()
         site = web.TCPSite(runner, bind, port, ssl_context=ssl_context)
         try:

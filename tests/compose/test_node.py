@@ -272,3 +272,39 @@ async def test_the_mtls_port_presents_the_renewed_ca_leaf_without_a_restart(tmp_
     assert after == ca_node.ca.leaf_store.read().fingerprint
     assert ca_node.ca.roster.find("ca-host").cert_fingerprint == after
     await ca_node.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_joiner_hanging_up_cancels_its_approval_and_keeps_the_invite(tmp_path):
+    from koitest import member_csr
+
+    asked = asyncio.Event()
+    withdrawn = asyncio.Event()
+
+    async def person(request):
+        asked.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            withdrawn.set()
+            raise
+
+    ca_node = await make_ca_node(tmp_path, person)
+    invite = ca_node.ca.mint_invite("node-02")
+    _, csr = member_csr("node-02")
+    url = f"http://127.0.0.1:{ca_node.address('http')[1]}/v1/certmesh/join"
+    body = {"hostname": "node-02", "csr": csr, "invite_token": invite.code}
+
+    async with aiohttp.ClientSession() as session:
+        posting = asyncio.create_task(session.post(url, json=body))
+        await asyncio.wait_for(asked.wait(), 5)
+        posting.cancel()
+        await asyncio.gather(posting, return_exceptions=True)
+    await asyncio.wait_for(withdrawn.wait(), 5)
+
+    last = ca_node.ca.audit.events()[-1]
+    assert last[1] == "enroll_approval_denied" and "hung up" in last[2]["detail"]
+    assert ca_node.status.refresh().pending == ()
+    assert ca_node.ca.roster.find("node-02") is None
+    assert ca_node.ca.invites.reserve(invite.code, "node-02")
+    await ca_node.shutdown()
