@@ -90,7 +90,7 @@ async def _json_answer(response: aiohttp.ClientResponse) -> dict[str, Any]:
     try:
         value = json.loads(raw.decode("utf-8"))
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # refuse lone surrogates
-    except (UnicodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeError, ValueError, RecursionError):  # ValueError: also a huge integer
         value = None
     if response.status != 200:
         if isinstance(value, dict) and isinstance(value.get("error"), str):

@@ -54,7 +54,8 @@ async def read_json_object(request: web.Request) -> dict[str, object]:
     """Read the body as a JSON object (an empty body reads as `{}`).
 
     Raises:
-        InvalidPayload: Not UTF-8 JSON (or text with lone surrogates), or not an object.
+        InvalidPayload: Not UTF-8 JSON (or text with lone surrogates, or a number longer
+            than Python converts), or not an object.
         web.HTTPRequestEntityTooLarge: Over the app's `client_max_size`.
     """
     raw = await request.read()
@@ -63,7 +64,7 @@ async def read_json_object(request: web.Request) -> dict[str, object]:
     try:
         value = json.loads(raw.decode("utf-8"))
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # refuse lone surrogates
-    except (UnicodeError, json.JSONDecodeError) as exc:
+    except (UnicodeError, ValueError) as exc:  # ValueError: also a 4,301-digit integer
         raise InvalidPayload(f"the body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise InvalidPayload("the body is JSON nested too deeply") from exc

@@ -236,7 +236,11 @@ def build_mtls_app(node: NodeService) -> web.Application:
         body = await read_json_object(request)
         ca = require_ca(node.ca)
         answer = await run_in_thread(
-            ca.health, peer.common_name, body.get("hostname"), body.get("pinned_ca_fingerprint")
+            ca.health,
+            peer.common_name,
+            peer.fingerprint,
+            body.get("hostname"),
+            body.get("pinned_ca_fingerprint"),
         )
         return web.json_response(answer)
 

@@ -251,7 +251,8 @@ class CertificateAuthority:
         try:
             raw = read_json(data.roster)
             if raw is None:
-                raise CorruptState(f"{data.roster} is missing although the CA key exists")
+                found = "holds only null" if data.roster.exists() else "is missing"
+                raise CorruptState(f"{data.roster} {found} although the CA key exists")
             roster = Roster.from_json(raw, str(data.roster))
             return cls(data, hostname, roster, clock, AuditLog(data.audit_log, clock))
         except CorruptState:
@@ -558,7 +559,9 @@ class CertificateAuthority:
         """Sign a member's new key, called over mTLS with the member's current leaf.
 
         The caller's CN must equal `hostname`, and the presented leaf must be the member's
-        current certificate or the one before it.
+        current certificate or its previous one. The leaf a renewal was authorised with
+        becomes the previous one, so a member whose answers were lost (it still holds the
+        old leaf) keeps being able to renew however often that happens.
 
         Raises:
             CaLocked, ScopeViolation, Revoked, NotFound, InvalidPayload.
@@ -578,11 +581,7 @@ class CertificateAuthority:
                 raise NotFound(f"no member named {host}")
             if not member.active:
                 raise ScopeViolation(f"{host} is not an active member")
-            known = {member.cert_fingerprint, member.previous_cert_fingerprint} - {None, ""}
-            if not client_fingerprint or client_fingerprint not in known:
-                raise ScopeViolation(
-                    f"the presented certificate is not {host}'s current or previous one"
-                )
+            _check_presented_leaf(member, client_fingerprint)
             checked = pki.check_csr(csr_pem, host)
             allowed = {s.lower().rstrip(".") for s in member.cert_sans}
             stray = [n for n in checked.dns_names if n.lower().rstrip(".") not in allowed]
@@ -603,7 +602,7 @@ class CertificateAuthority:
             )
             renewed = replace(
                 member,
-                previous_cert_fingerprint=member.cert_fingerprint,
+                previous_cert_fingerprint=client_fingerprint,
                 cert_fingerprint=pki.fingerprint(cert),
                 cert_expires=cert.not_valid_after_utc,
                 last_seen=now,
@@ -627,7 +626,21 @@ class CertificateAuthority:
             roster.policy,
         )
 
-    def health(self, client_cn: str | None, hostname: object, pinned: object) -> dict[str, Any]:
+    def health(
+        self,
+        client_cn: str | None,
+        client_fingerprint: str | None,
+        hostname: object,
+        pinned: object,
+    ) -> dict[str, Any]:
+        """Tell a member whether its pinned CA is this one, and note when it was last seen.
+
+        A member must present its current or previous certificate, as for renewal, since
+        the check rewrites its `last_seen`.
+
+        Raises:
+            CaLocked, ScopeViolation, Revoked, InvalidPayload.
+        """
         host = validate_hostname(hostname)
         self._require_key()
         if client_cn is None or not same_host(client_cn, host):
@@ -638,6 +651,7 @@ class CertificateAuthority:
                 raise Revoked(f"{host} is revoked")
             member = self._roster.find(host)
             if member is not None:
+                _check_presented_leaf(member, client_fingerprint)
                 touched = replace(member, last_seen=self.clock.now())
                 generation = self.rosters.stage(self._roster.with_member(touched, bump=False))
         if member is not None:
@@ -728,6 +742,15 @@ class CertificateAuthority:
                 for m in roster.members
             ],
         }
+
+
+def _check_presented_leaf(member: RosterMember, fingerprint: str | None) -> None:
+    """Refuse a caller whose leaf is neither the member's current nor its previous one."""
+    known = {member.cert_fingerprint, member.previous_cert_fingerprint} - {None, ""}
+    if not fingerprint or fingerprint not in known:
+        raise ScopeViolation(
+            f"the presented certificate is not {member.hostname}'s current or previous one"
+        )
 
 
 def not_initialized_status() -> dict[str, Any]:

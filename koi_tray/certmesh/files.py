@@ -117,7 +117,7 @@ def read_json(path: Path) -> Any:
 
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptState(f"{path} is not valid JSON ({exc}); it was left as it is") from exc
 
 

@@ -100,8 +100,11 @@ class MemberState:
 
 
 def load_member_state(path: Path) -> MemberState | None:
+    """Read `member.json`; None only when the file does not exist (`null` is damage)."""
     raw = read_json(path)
-    return None if raw is None else MemberState.from_json(raw, str(path))
+    if raw is None and not path.exists():
+        return None
+    return MemberState.from_json(raw, str(path))
 
 
 def save_member_state(path: Path, state: MemberState) -> None:

@@ -21,7 +21,7 @@ from koi_tray.api.client import CaLink, CaUnreachable
 from koi_tray.certmesh.ca import CertificateAuthority
 from koi_tray.certmesh.clock import Clock
 from koi_tray.certmesh.enrollment import run_in_thread
-from koi_tray.certmesh.errors import CertmeshError, Revoked
+from koi_tray.certmesh.errors import CertmeshError, Revoked, StorageError
 from koi_tray.certmesh.files import atomic_write_json, read_json
 from koi_tray.certmesh.hooks import HookResult, run_reload_hook
 from koi_tray.certmesh.member import Membership, due_at, new_renewal_request
@@ -173,6 +173,8 @@ async def member_pass(
         change = await run_in_thread(membership.accept_bundle, signed)
     except CaUnreachable as exc:
         return PassResult(now, "failed", f"CA unreachable: {exc}", reachable=False)
+    except StorageError as exc:  # this node's disk; the bundle itself was fine
+        return PassResult(now, "failed", f"cannot save the trust bundle: {exc}")
     except CertmeshError as exc:
         log.warning("trust bundle from %s refused: %s", membership.state.ca_host, exc)
         return PassResult(now, "failed", f"trust bundle refused: {exc}")
@@ -199,12 +201,18 @@ async def member_pass(
     request = new_renewal_request(membership.state)
     try:
         answer = await link.renew(request.csr_pem)
-        cert = await run_in_thread(membership.install_renewal, request.key, answer)
     except CaUnreachable as exc:
         return PassResult(now, "failed", f"CA unreachable: {exc}", bundle_seq=seq, reachable=False)
     except Revoked as exc:
         await run_in_thread(membership.save, replace(membership.state, self_revoked=True))
         return PassResult(now, "revoked", str(exc), bundle_seq=seq)
+    except CertmeshError as exc:
+        return PassResult(now, "failed", f"renewal refused: {exc}", bundle_seq=seq)
+    try:
+        cert = await run_in_thread(membership.install_renewal, request.key, answer)
+    except StorageError as exc:  # this node's disk, not the CA's answer
+        detail = f"cannot install the renewed certificate: {exc}"
+        return PassResult(now, "failed", detail, bundle_seq=seq)
     except CertmeshError as exc:
         return PassResult(now, "failed", f"renewal refused: {exc}", bundle_seq=seq)
 

@@ -118,7 +118,7 @@ async def _main(controller: TrayController, config: NodeConfig, board: ApprovalB
     loop = asyncio.get_running_loop()
     remove_handlers = _install_signal_handlers(loop, controller.request_quit)
     try:
-        controller.starting = asyncio.create_task(_start_node(config, board), name="node-start")
+        controller.starting = asyncio.create_task(start_node(config, board), name="node-start")
         try:
             node = await controller.starting
         except asyncio.CancelledError:
@@ -137,7 +137,12 @@ async def _main(controller: TrayController, config: NodeConfig, board: ApprovalB
         remove_handlers()
 
 
-async def _start_node(config: NodeConfig, board: ApprovalBoard) -> Node:
+async def start_node(config: NodeConfig, board: ApprovalBoard) -> Node:
+    """Build and start the tray's node: the composition's `Node` with the dialog decider.
+
+    The node module (and aiohttp with it) is imported on an executor thread, so the icon
+    already on screen stays responsive meanwhile.
+    """
     from koi_tray.desktop.approval import dialog_decider
 
     loop = asyncio.get_running_loop()

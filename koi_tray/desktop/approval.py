@@ -118,7 +118,6 @@ class ApprovalDialog(QDialog):
     def _header(self) -> QLabel:
         header = QLabel(f"⚠  {self.request.hostname} asks to join your certificate mesh")
         header.setStyleSheet(HEADER_STYLE)
-        header.setWordWrap(True)
         return header
 
     def _add_code(self, body: QVBoxLayout) -> None:
@@ -205,12 +204,14 @@ class ApprovalDialog(QDialog):
     # -- endings --------------------------------------------------------------------------
 
     def approve(self) -> None:
+        """Answer Approved, if the Approve button allows it (a name, before the deadline)."""
         if not self.approve_button.isEnabled():
             return
         self.outcome = APPROVED
         self.accept()
 
     def deny(self) -> None:
+        """Answer Denied by the operator."""
         self.outcome = DENIED
         self.reject()
 
@@ -221,6 +222,7 @@ class ApprovalDialog(QDialog):
             self.reject()
 
     def close_for_quit(self) -> None:
+        """Answer Denied because koi-tray is quitting."""
         if self.isVisible():
             self.outcome = self.outcome or QUITTING
             self.reject()
@@ -235,6 +237,7 @@ class ApprovalDialog(QDialog):
         super().done(code)
 
     def decision(self) -> Decision:
+        """The certmesh answer for how the dialog ended; anything but Approve denies."""
         if self.outcome == APPROVED:
             return Approved(self.operator_name() or "koi-tray operator")
         return Denied(_REASONS.get(self.outcome or DISMISSED, _REASONS[DISMISSED]))

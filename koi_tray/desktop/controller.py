@@ -199,7 +199,7 @@ class TrayController(QObject):
             return
         self._render(new)
         for alert in alerts_between(old, new):
-            self.notify(alert.title, alert.body, alert.kind in URGENT_ALERTS)
+            self.notify(alert.title, alert.body, alert.kind in URGENT_ALERTS, alert.kind)
 
     def _render(self, snapshot: NodeSnapshot | None) -> None:
         self._snapshot = snapshot
@@ -226,14 +226,14 @@ class TrayController(QObject):
             if self.node is not None:
                 self._render(self.node.status.refresh())
 
-    def notify(self, title: str, body: str, urgent: bool = False) -> None:
+    def notify(self, title: str, body: str, urgent: bool = False, kind: str = "") -> None:
         """Tell the person something: a tray notification, or the window's banner."""
         log.info("notification: %s: %s", title, body)
         self.notices.append(Notice(dt.datetime.now(dt.UTC), title, body, urgent))
         if self.tray_shown:
             self.backend.notify(title, body, urgent)
         if self.window is not None and (self.window.persistent or self.window.isVisible()):
-            self.window.show_notice(title, body, urgent)
+            self.window.show_notice(title, body, urgent, kind)
 
     def open_window(self) -> StatusWindow:
         """Show the status window (created on first use) and bring it to the front."""

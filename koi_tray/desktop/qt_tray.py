@@ -80,7 +80,8 @@ class QtTray(QObject):
         self.tray.setToolTip(text)
 
     def notify(self, title: str, body: str, urgent: bool = False) -> None:
-        kind = QSystemTrayIcon.MessageIcon.Warning if urgent else QSystemTrayIcon.Information
+        icons = QSystemTrayIcon.MessageIcon
+        kind = icons.Warning if urgent else icons.Information
         self.tray.showMessage(title, body, kind, NOTIFY_MS)
 
     def close(self) -> None:

@@ -9,7 +9,9 @@ shown in a banner at its top.
 
 from __future__ import annotations
 
+import html
 import logging
+import time
 
 from PIL import Image
 from PySide6.QtCore import Qt, Signal
@@ -58,7 +60,9 @@ class StatusWindow(QWidget):
         self.summary.setStyleSheet("font-weight: bold;")
         self.notice = QLabel()
         self.notice.setWordWrap(True)
+        self.notice.linkActivated.connect(lambda _link: self.notice.hide())
         self.notice.hide()
+        self._notice_kind = ""
         self.lines: dict[str, QLabel] = {}
         self.buttons: dict[str, QPushButton | QCheckBox] = {}
 
@@ -87,11 +91,20 @@ class StatusWindow(QWidget):
         )
         self.setWindowIcon(QIcon(pixmap))
 
-    def show_notice(self, title: str, body: str, urgent: bool = False) -> None:
-        """Show a notification in the banner, and flag the window for attention."""
-        self.notice.setText(f"<b>{title}</b><br>{body}")
+    def show_notice(self, title: str, body: str, urgent: bool = False, kind: str = "") -> None:
+        """Show a notification in the banner, and flag the window for attention.
+
+        A notice of kind `approval_requested` goes away by itself once no approval is
+        pending; any notice goes away with its "dismiss" link.
+        """
+        stamp = time.strftime("%H:%M")
+        self.notice.setText(
+            f"<b>{html.escape(title)}</b> <small>({stamp}, <a href='dismiss'>dismiss</a>)"
+            f"</small><br>{html.escape(body)}"
+        )
         self.notice.setStyleSheet(URGENT_NOTICE_STYLE if urgent else NOTICE_STYLE)
         self.notice.show()
+        self._notice_kind = kind
         QApplication.alert(self)
 
     def update_model(self, model: MenuModel) -> None:
@@ -103,6 +116,19 @@ class StatusWindow(QWidget):
                 self._line(item)
             elif item.key == APPROVALS or item.kind in ("action", CHECK):
                 self._button(item)
+        self._arrange_buttons()
+        if self._notice_kind == "approval_requested" and not model.pending:
+            self.notice.hide()
+
+    def _arrange_buttons(self) -> None:
+        """Lay the visible buttons out in order, so hidden ones leave no gaps."""
+        index = 0
+        for button in self.buttons.values():
+            if button.isHidden():
+                self._buttons_box.addWidget(button, 100 + index, 0)
+                continue
+            self._buttons_box.addWidget(button, index // BUTTON_COLUMNS, index % BUTTON_COLUMNS)
+            index += 1
 
     def _line(self, item: MenuItem) -> None:
         label = self.lines.get(item.key)
@@ -124,8 +150,6 @@ class StatusWindow(QWidget):
         if button is None:
             button = QCheckBox(item.text) if item.kind == CHECK else QPushButton(item.text)
             button.clicked.connect(lambda _checked=False, key=item.key: self._clicked(key))
-            index = len(self.buttons)
-            self._buttons_box.addWidget(button, index // BUTTON_COLUMNS, index % BUTTON_COLUMNS)
             self.buttons[item.key] = button
         enabled = item.enabled and (item.key != APPROVALS or bool(item.children))
         button.setText(item.text)

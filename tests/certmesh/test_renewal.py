@@ -90,17 +90,20 @@ def test_presented_certificate_must_be_current_or_previous(ca: CertificateAuthor
     assert audit_added(ca.data, before) == []
 
 
-def test_previous_certificate_is_accepted_once_after_a_renewal(ca: CertificateAuthority, fp1):
+def test_previous_certificate_stays_accepted_until_a_newer_one_is_used(
+    ca: CertificateAuthority, fp1
+):
     fp2 = _renew(ca, fp1)
-    fp3 = _renew(ca, fp1)
+    fp3 = _renew(ca, fp1)  # the answer carrying fp2 was lost; the member still holds fp1
 
-    assert ca.roster.find("node-a").previous_cert_fingerprint == fp2
-    with pytest.raises(ScopeViolation):
-        _renew(ca, fp1)
-    fp4 = _renew(ca, fp2)
-    assert fp4 not in {fp1, fp2, fp3}
+    assert ca.roster.find("node-a").previous_cert_fingerprint == fp1
     with pytest.raises(ScopeViolation):
         _renew(ca, fp2)
+    fp4 = _renew(ca, fp3)
+    assert fp4 not in {fp1, fp2, fp3}
+    assert ca.roster.find("node-a").previous_cert_fingerprint == fp3
+    with pytest.raises(ScopeViolation):
+        _renew(ca, fp1)
 
 
 def test_revoked_member_cannot_renew_and_is_audited(ca: CertificateAuthority, fp1: str):
@@ -183,7 +186,7 @@ def test_seq_bumps_on_enroll_revoke_and_renew_only(ca: CertificateAuthority, clo
         fps["a"] = _renew(ca, fps["a"])
 
     def health():
-        ca.health("node-a", "node-a", ca.ca_fingerprint)
+        ca.health("node-a", fps["a"], "node-a", ca.ca_fingerprint)
 
     def hook():
         ca.set_hook("node-a", "/usr/bin/systemctl reload nginx")

@@ -21,12 +21,23 @@ import PySide6.QtWidgets  # noqa: E402  (after the platform is chosen, before qa
 import pytest  # noqa: E402
 import qasync  # noqa: E402
 
+_LOOPS: list[qasync.QEventLoop] = []
+"""Every loop made here, kept until the session ends.
+
+A closed qasync loop still owns Qt timers (closing only marks its timer object stopped),
+and one of them may fire during a later test. If Python's garbage collector frees the
+loop and its timer object while Qt is delivering that timer event, the process crashes;
+keeping the loops referenced rules that out.
+"""
+
 
 def _qasync_loop() -> qasync.QEventLoop:
     qt = PySide6.QtWidgets
     app = qt.QApplication.instance() or qt.QApplication(["koi-tray-tests"])
     app.setQuitOnLastWindowClosed(False)
-    return qasync.QEventLoop(app)
+    loop = qasync.QEventLoop(app)
+    _LOOPS.append(loop)
+    return loop
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:

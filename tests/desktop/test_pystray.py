@@ -17,7 +17,7 @@ import pytest
 from desktoptools import NOW, ca_snapshot, make_request, wait_until
 
 from koi_tray.desktop import menu as m
-from koi_tray.desktop.pystray_tray import PystrayTray
+from koi_tray.desktop.pystray_tray import PystrayTray, _x11_title
 
 
 def visible_texts(menu: Any) -> list[str]:
@@ -104,3 +104,8 @@ def test_without_a_display_pystray_is_unavailable_not_a_crash() -> None:
     assert available == "False"
     assert reason.startswith("pystray cannot start here:")
     assert "Traceback" not in result.stderr
+
+
+def test_titles_are_made_latin_1_for_the_xorg_window() -> None:
+    assert _x11_title("koi-tray: starting…") == "koi-tray: starting..."
+    assert _x11_title("ca · renewal failing (2×) ✓") == "ca · renewal failing (2×) ?"

@@ -181,7 +181,8 @@ async def test_quit_denies_pending_approvals_and_closes_dialogs(
     join = begin_join(node, member, [])
     dialog = await wait_until(lambda: board.dialogs() and board.dialogs()[0])
 
-    assert await tray.quit() == 0
+    tray.tray.action(m.QUIT).trigger()
+    assert await asyncio.wait_for(tray.controller.wait_closed(), 10) == 0
 
     assert not board.dialogs()
     assert dialog.outcome is not None or not dialog.isVisible()
@@ -350,3 +351,25 @@ async def test_status_is_refreshed_every_minute(
 
     await wait_until(lambda: len(calls) >= 3)
     assert await tray.quit() == 0
+
+
+class BrokenTray(QtTray):
+    """A tray whose toolkit fails when asked to show the icon."""
+
+    def available(self) -> bool:
+        return True
+
+    def show(self) -> None:
+        raise OSError("the tray host went away")
+
+
+@pytest.mark.asyncio
+async def test_a_tray_that_fails_to_show_falls_back_to_the_window() -> None:
+    controller = TrayController(BrokenTray(), ApprovalBoard())
+
+    controller.show()
+
+    assert not controller.tray_shown
+    assert controller.window is not None and controller.window.isVisible()
+    assert controller.window.lines["role"].text() == "Starting…"
+    controller.close_now()

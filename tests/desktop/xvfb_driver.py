@@ -31,6 +31,7 @@ import qasync
 from PIL import Image
 from PySide6.QtCore import QRect
 
+from koi_tray.autostart import autostart_for_platform
 from koi_tray.certmesh import keystore
 from koi_tray.compose.config import NodeConfig
 from koi_tray.desktop import menu as m
@@ -85,7 +86,10 @@ async def qt_scenario(workdir: Path, shots: Path | None) -> dict[str, Any]:
     await node.start()
     await node.create_ca(PASSPHRASE, "team", "Alice")
     tray = QtTray()
-    controller = TrayController(tray, board, log_path=workdir / "koi-tray.log", opener=print)
+    autostart = autostart_for_platform("linux", home=workdir / "home", env={})
+    controller = TrayController(
+        tray, board, log_path=workdir / "koi-tray.log", opener=print, autostart=autostart
+    )
     controller.show()
     controller.attach(node)
     report["available"] = tray.available()

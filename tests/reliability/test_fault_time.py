@@ -1,0 +1,221 @@
+"""Time faults: a CA unreachable for three weeks, and a wall clock that jumps.
+
+`tests/compose/test_renewal_simulation.py` drives the bare `RenewalLoop` through a 40-day
+outage. Here the same kind of outage meets a whole member `Node`, and the test reads what
+a person sees, the status snapshot, from the first failed pass to the recovery. The clock
+tests jump a `ManualClock` forward past the due date and back by months while the real
+loop runs, and move invites past their expiry.
+
+As in the simulation, the CA is called in-process: OpenSSL checks certificates against
+the machine's real clock, so a TLS handshake cannot travel weeks ahead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from koitest import START, member_csr
+
+from koi_tray.api.client import CaUnreachable
+from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest
+from koi_tray.certmesh.clock import ManualClock
+from koi_tray.certmesh.errors import InvalidAuth
+from koi_tray.certmesh.layout import DataDir
+from koi_tray.certmesh.member import Membership
+from koi_tray.compose.config import NodeConfig
+from koi_tray.compose.deciders import deny_and_log_decider
+from koi_tray.compose.node import Node
+from koi_tray.compose.renewal import PassResult, RenewalLoop, RenewalRecord, ca_pass, member_pass
+
+DAY = dt.timedelta(days=1)
+HOUR = dt.timedelta(hours=1)
+
+
+class OutageLink:
+    """The CA called in-process; while `outage.down`, it behaves like an unreachable CA."""
+
+    def __init__(self, ca: CertificateAuthority, membership: Membership, outage: Outage) -> None:
+        self.ca = ca
+        self.membership = membership
+        self.outage = outage
+
+    async def fetch_bundle(self) -> dict[str, Any]:
+        self.outage.check()
+        return self.ca.trust_bundle()
+
+    async def renew(self, csr_pem: str) -> dict[str, Any]:
+        self.outage.check()
+        leaf = self.membership.leaf()
+        host = self.membership.state.hostname
+        return self.ca.renew_member(host, leaf.fingerprint, host, csr_pem).to_json()
+
+
+class Outage:
+    def __init__(self) -> None:
+        self.down = False
+        self.calls = 0
+
+    def check(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise CaUnreachable("connection refused (simulated outage)")
+
+
+def join(ca: CertificateAuthority, root: Path, clock: ManualClock) -> Membership:
+    key, csr = member_csr("node-02")
+    pending = ca.check_join(JoinRequest("node-02", csr, ca.mint_invite("node-02").code))
+    return Membership.install_join(
+        DataDir(root),
+        clock,
+        key,
+        ca.finish_join(pending, None).to_json(),
+        ca_host="127.0.0.1",
+        ca_http_port=5641,
+        pinned_fingerprint=ca.ca_fingerprint,
+        sans=["node-02", "node-02.local"],
+    )
+
+
+async def first_pass(node: Node) -> None:
+    for _ in range(500):
+        if node.renewal.record.view.last_outcome is not None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the node's first renewal pass did not finish")
+
+
+@pytest.mark.asyncio
+async def test_member_node_shows_a_three_week_outage_from_the_first_pass(
+    make_ca, clock: ManualClock, tmp_path: Path
+):
+    ca = make_ca("just-me")
+    join(ca, tmp_path / "member", clock)
+    outage = Outage()
+    outage.down = True
+    clock.set(START + 59 * DAY)  # the leaf falls due on day 60, inside the outage
+    config = NodeConfig(data_dir=tmp_path / "member", hostname="node-02", http_port=0)
+    node = Node(
+        config,
+        deny_and_log_decider(),
+        clock=clock,
+        link_factory=lambda membership: OutageLink(ca, membership, outage),
+    )
+    await node.start()
+    try:
+        await first_pass(node)
+        snapshot = node.status.refresh()
+        assert snapshot.health == "offline", "the very first failed pass shows"
+        assert snapshot.renewal.consecutive_failures == 1
+        assert not snapshot.renewal.ca_reachable
+
+        end = START + 80 * DAY
+        passes: list[dict[str, Any]] = []
+        while clock.now() < end:
+            clock.set(node.renewal.record.view.next_check_at)
+            passes.append(await node.renew_now(False))
+            snapshot = node.status.refresh()
+            assert not snapshot.leaf.expired and snapshot.health == "offline", snapshot
+        outage.down = False
+        clock.set(node.renewal.record.view.next_check_at)
+        recovered = await node.renew_now(False)
+        snapshot = node.status.refresh()
+    finally:
+        await node.shutdown()
+
+    assert all(p["outcome"] == "failed" and not p["reachable"] for p in passes)
+    times = [dt.datetime.fromisoformat(p["checked_at"]) for p in passes]
+    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    assert 54 <= gaps[0] <= 66 * 2, "the first retry comes about a minute or two later"
+    assert gaps[:6] == sorted(gaps[:6]), "retries back off"
+    assert max(gaps) <= 3600 * 1.1, "backoff is capped at the hour"
+    assert 21 * 24 * 0.85 <= len(passes) <= 21 * 24 * 1.2 + 10, len(passes)
+    assert recovered["outcome"] == "renewed", recovered
+    assert snapshot.health == "ok" and snapshot.renewal.consecutive_failures == 0
+    assert snapshot.leaf.days_left >= 89 and snapshot.renewal.ca_reachable
+
+
+async def run_loop(membership, link, clock: ManualClock, jumps, until) -> list[PassResult]:
+    """Run the real loop; its sleep moves the clock, and `jumps` move it further.
+
+    `jumps` maps a pass number (counted from 1) to the clock jump made after that pass.
+    """
+    results: list[PassResult] = []
+    ended = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        clock.advance(dt.timedelta(seconds=seconds))
+        clock.advance(jumps.get(len(results), dt.timedelta(0)))
+        if until(results):
+            ended.set()
+            await asyncio.Event().wait()
+
+    loop = RenewalLoop(
+        lambda force: member_pass(membership, link, clock, force),
+        RenewalRecord(membership.data.certmesh / "renewal.json"),
+        clock,
+        sleep=sleep,
+        rng=random.Random(3),
+        on_result=results.append,
+    )
+    task = asyncio.create_task(loop.run())
+    await asyncio.wait_for(ended.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return results
+
+
+@pytest.mark.asyncio
+async def test_clock_jumps_forward_and_back_under_the_running_loop(
+    make_ca, clock: ManualClock, tmp_path: Path
+):
+    ca = make_ca("just-me")
+    membership = join(ca, tmp_path / "member", clock)
+    link = OutageLink(ca, membership, Outage())
+    first = membership.leaf()
+    jumps = {3: 61 * DAY, 6: -120 * DAY, 60: 200 * DAY}
+
+    results = await run_loop(membership, link, clock, jumps, until=lambda r: len(r) >= 66)
+
+    outcomes = [r.outcome for r in results]
+    assert outcomes[:3] == ["not_due"] * 3
+    assert outcomes[3] == "renewed", "a jump past the due date renews at the next pass"
+    assert outcomes[4:60] == ["not_due"] * 56, "no renewal storm, and a jump back is harmless"
+    assert outcomes[60] == "renewed", "a jump past the new leaf's due date renews once more"
+    assert outcomes[61:] == ["not_due"] * 5
+    for earlier, later in zip(results, results[1:], strict=False):
+        gap = later.checked_at - earlier.checked_at
+        assert 0.9 * HOUR <= gap - sum_jump(results, earlier, jumps) <= 1.1 * HOUR, gap
+    second = results[3]
+    assert second.expires == results[3].checked_at + 90 * DAY
+    assert membership.leaf().fingerprint not in (first.fingerprint,)
+    assert ca.roster.find("node-02").cert_fingerprint == membership.leaf().fingerprint
+    assert (await ca_pass(ca, clock)).outcome in ("renewed", "not_due")
+
+
+def sum_jump(results: list[PassResult], earlier: PassResult, jumps) -> dt.timedelta:
+    return jumps.get(results.index(earlier) + 1, dt.timedelta(0))
+
+
+def test_invites_expire_by_the_clock_and_a_spent_one_stays_spent(ca, clock: ManualClock):
+    expiring = ca.mint_invite("node-03")
+    spent = ca.mint_invite("node-04")
+    _, csr4 = member_csr("node-04")
+    ca.finish_join(ca.check_join(JoinRequest("node-04", csr4, spent.code)), None)
+    _, csr3 = member_csr("node-03")
+
+    clock.advance(61 * dt.timedelta(minutes=1))
+    with pytest.raises(InvalidAuth):
+        ca.check_join(JoinRequest("node-03", csr3, expiring.code))
+
+    clock.advance(-2 * DAY)
+    ca.revoke("node-04")
+    with pytest.raises(InvalidAuth):
+        ca.check_join(JoinRequest("node-04", csr4, spent.code))
+    pending = ca.check_join(JoinRequest("node-03", csr3, expiring.code))
+    ca.abandon_join(pending, "enroll_approval_denied", "test")
