@@ -712,6 +712,6 @@ async def test_cancelled_approval_refuses_the_join(team: CertificateAuthority):
     assert team.pending_approvals() == []
     _, event, fields = team.audit.events()[-1]
     assert event == "enroll_approval_denied"
-    assert "shutting down" in fields["detail"]
+    assert "cancelled" in fields["detail"]
     await enroll(team, join_request("node-a", code)[1], Decider(Approved("Bob")))
     assert team.roster.is_enrolled("node-a")

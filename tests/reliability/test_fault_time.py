@@ -112,6 +112,9 @@ async def test_member_node_shows_a_three_week_outage_from_the_first_pass(
         assert snapshot.health == "offline", "the very first failed pass shows"
         assert snapshot.renewal.consecutive_failures == 1
         assert not snapshot.renewal.ca_reachable
+        # A pass asked for now waits for the loop's own pass to end, so the loop has
+        # scheduled its next one on the unmoved clock before this test moves it.
+        assert (await node.renew_now(False))["outcome"] == "failed"
 
         end = START + 80 * DAY
         passes: list[dict[str, Any]] = []
@@ -130,8 +133,9 @@ async def test_member_node_shows_a_three_week_outage_from_the_first_pass(
     assert all(p["outcome"] == "failed" and not p["reachable"] for p in passes)
     times = [dt.datetime.fromisoformat(p["checked_at"]) for p in passes]
     gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
-    assert 54 <= gaps[0] <= 66 * 2, "the first retry comes about a minute or two later"
-    assert gaps[:6] == sorted(gaps[:6]), "retries back off"
+    for failures, gap in enumerate(gaps[:8], start=3):  # passes[0] was the third failure
+        expected = min(3600, 60 * 2 ** (failures - 1))
+        assert 0.9 * expected <= gap <= 1.1 * expected, (failures, gap)
     assert max(gaps) <= 3600 * 1.1, "backoff is capped at the hour"
     assert 21 * 24 * 0.85 <= len(passes) <= 21 * 24 * 1.2 + 10, len(passes)
     assert recovered["outcome"] == "renewed", recovered
@@ -191,9 +195,8 @@ async def test_clock_jumps_forward_and_back_under_the_running_loop(
     for earlier, later in zip(results, results[1:], strict=False):
         gap = later.checked_at - earlier.checked_at
         assert 0.9 * HOUR <= gap - sum_jump(results, earlier, jumps) <= 1.1 * HOUR, gap
-    second = results[3]
-    assert second.expires == results[3].checked_at + 90 * DAY
-    assert membership.leaf().fingerprint not in (first.fingerprint,)
+    assert abs(results[3].expires - (results[3].checked_at + 90 * DAY)) < dt.timedelta(seconds=1)
+    assert membership.leaf().fingerprint != first.fingerprint
     assert ca.roster.find("node-02").cert_fingerprint == membership.leaf().fingerprint
     assert (await ca_pass(ca, clock)).outcome in ("renewed", "not_due")
 
@@ -214,8 +217,9 @@ def test_invites_expire_by_the_clock_and_a_spent_one_stays_spent(ca, clock: Manu
         ca.check_join(JoinRequest("node-03", csr3, expiring.code))
 
     clock.advance(-2 * DAY)
-    ca.revoke("node-04")
     with pytest.raises(InvalidAuth):
         ca.check_join(JoinRequest("node-04", csr4, spent.code))
+    # Expiry is judged by the clock alone: set back, it makes an unspent invite usable
+    # again (a known shortcoming, see docs/reliability.md).
     pending = ca.check_join(JoinRequest("node-03", csr3, expiring.code))
     ca.abandon_join(pending, "enroll_approval_denied", "test")
