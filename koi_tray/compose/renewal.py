@@ -170,14 +170,16 @@ async def member_pass(
     now = clock.now()
     try:
         signed = await link.fetch_bundle()
-        change = await run_in_thread(membership.accept_bundle, signed)
     except CaUnreachable as exc:
         return PassResult(now, "failed", f"CA unreachable: {exc}", reachable=False)
+    except CertmeshError as exc:
+        return _bundle_refused(membership, now, exc)
+    try:
+        change = await run_in_thread(membership.accept_bundle, signed)
     except StorageError as exc:  # this node's disk; the bundle itself was fine
         return PassResult(now, "failed", f"cannot save the trust bundle: {exc}")
     except CertmeshError as exc:
-        log.warning("trust bundle from %s refused: %s", membership.state.ca_host, exc)
-        return PassResult(now, "failed", f"trust bundle refused: {exc}")
+        return _bundle_refused(membership, now, exc)
 
     seq = change.state.last_bundle_seq
     if change.state.self_revoked:
@@ -228,6 +230,11 @@ async def member_pass(
         bundle_seq=seq,
         bundle_updated=change.updated,
     )
+
+
+def _bundle_refused(membership: Membership, now: dt.datetime, exc: Exception) -> PassResult:
+    log.warning("trust bundle from %s refused: %s", membership.state.ca_host, exc)
+    return PassResult(now, "failed", f"trust bundle refused: {exc}")
 
 
 async def ca_pass(ca: CertificateAuthority, clock: Clock, force: bool = False) -> PassResult:

@@ -1,8 +1,9 @@
-"""Helpers the reliability suites share: a loop on its own thread, disk watches, audit checks.
+"""Helpers the reliability suites share: a loop thread, disk watches, audit checks, a CA link.
 
 Imported as `reltools` by the modules beside it. Sync tests (hypothesis drives plain
 functions) reach async nodes through `LoopThread`; `DiskWatch` tells exactly which state
-files a request changed and which audit lines it appended.
+files a request changed and which audit lines it appended; `DirectLink` and
+`join_in_process` give a member a CA without the network, for tests on a hand-moved clock.
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from koitest import member_csr
+
+from koi_tray.api.client import CaUnreachable
 from koi_tray.certmesh import audit
+from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest
+from koi_tray.certmesh.clock import Clock
 from koi_tray.certmesh.errors import ERRORS_BY_CODE
+from koi_tray.certmesh.layout import DataDir
+from koi_tray.certmesh.member import Membership
 
 T = TypeVar("T")
 
@@ -134,3 +142,47 @@ def audit_line_problem(line: str, events: Iterable[str]) -> str | None:
     if rebuilt + "\n" != line:
         return f"fields do not escape back to the line: {line!r}"
     return None
+
+
+class DirectLink:
+    """The CA called in-process, as `tests/compose/test_renewal_simulation.py` does.
+
+    While `down` is set it answers like an unreachable CA.
+    """
+
+    def __init__(self, ca: CertificateAuthority, membership: Membership) -> None:
+        self.ca = ca
+        self.membership = membership
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise CaUnreachable("connection refused (simulated outage)")
+
+    async def fetch_bundle(self) -> dict[str, Any]:
+        self._check()
+        return self.ca.trust_bundle()
+
+    async def renew(self, csr_pem: str) -> dict[str, Any]:
+        self._check()
+        leaf = self.membership.leaf()
+        host = self.membership.state.hostname
+        return self.ca.renew_member(host, leaf.fingerprint, host, csr_pem).to_json()
+
+
+def join_in_process(
+    ca: CertificateAuthority, root: Path, clock: Clock, host: str = "node-02"
+) -> Membership:
+    """Join `host` to `ca` without approval and install it in a member data dir at `root`."""
+    key, csr = member_csr(host)
+    pending = ca.check_join(JoinRequest(host, csr, ca.mint_invite(host).code, "127.0.0.1"))
+    return Membership.install_join(
+        DataDir(root),
+        clock,
+        key,
+        ca.finish_join(pending, None).to_json(),
+        ca_host="127.0.0.1",
+        ca_http_port=5641,
+        pinned_fingerprint=ca.ca_fingerprint,
+        sans=[host, f"{host}.local"],
+    )

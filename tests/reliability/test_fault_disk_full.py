@@ -14,10 +14,10 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from koitest import PASSPHRASE, member_csr
+from reltools import DirectLink, join_in_process
 
 from koi_tray.certmesh import keystore, pki
 from koi_tray.certmesh.ca import PRESETS, CertificateAuthority, JoinRequest
@@ -25,7 +25,6 @@ from koi_tray.certmesh.clock import ManualClock
 from koi_tray.certmesh.enrollment import enroll
 from koi_tray.certmesh.errors import StorageError
 from koi_tray.certmesh.layout import DataDir
-from koi_tray.certmesh.member import Membership
 from koi_tray.compose.renewal import member_pass
 
 
@@ -81,39 +80,6 @@ def ca_disk(tmp_path: Path) -> Iterator[Disk]:
     yield from mount_tmpfs(tmp_path / "ca-disk", "256k")
 
 
-class DirectLink:
-    """The CA called in-process, as in `tests/compose/test_renewal_simulation.py`."""
-
-    def __init__(self, ca: CertificateAuthority, membership: Membership) -> None:
-        self.ca = ca
-        self.membership = membership
-
-    async def fetch_bundle(self) -> dict[str, Any]:
-        return self.ca.trust_bundle()
-
-    async def renew(self, csr_pem: str) -> dict[str, Any]:
-        leaf = self.membership.leaf()
-        host = self.membership.state.hostname
-        result = self.ca.renew_member(host, leaf.fingerprint, host, csr_pem)
-        return result.to_json()
-
-
-def join(ca: CertificateAuthority, root: Path, clock: ManualClock, host: str) -> Membership:
-    key, csr = member_csr(host)
-    pending = ca.check_join(JoinRequest(host, csr, ca.mint_invite(host).code, "127.0.0.1"))
-    answer = ca.finish_join(pending, None)
-    return Membership.install_join(
-        DataDir(root),
-        clock,
-        key,
-        answer.to_json(),
-        ca_host="127.0.0.1",
-        ca_http_port=5641,
-        pinned_fingerprint=ca.ca_fingerprint,
-        sans=[host, f"{host}.local"],
-    )
-
-
 def files(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -123,7 +89,7 @@ async def test_member_install_on_a_full_disk_keeps_the_old_pair(
     make_ca, clock: ManualClock, member_disk: Disk
 ):
     ca = make_ca("just-me")
-    membership = join(ca, member_disk.mount / "member", clock, "node-02")
+    membership = join_in_process(ca, member_disk.mount / "member", clock)
     link = DirectLink(ca, membership)
     assert (await member_pass(membership, link, clock)).outcome == "not_due"
     old = membership.leaf()
@@ -172,7 +138,7 @@ async def test_ca_roster_commit_on_a_full_disk_rolls_back_and_recovers(
     ca_disk: Disk, clock: ManualClock, tmp_path: Path
 ):
     ca = make_ca_on(ca_disk.mount / "ca", clock)
-    member = join(ca, tmp_path / "member", clock, "node-02")
+    member = join_in_process(ca, tmp_path / "member", clock)
     invite = ca.mint_invite("node-03").code
     durable, roster_bytes = ca.roster, ca.data.roster.read_bytes()
     invites_bytes = ca.data.invites.read_bytes()

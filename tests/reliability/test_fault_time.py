@@ -20,12 +20,11 @@ from typing import Any
 
 import pytest
 from koitest import START, member_csr
+from reltools import DirectLink, join_in_process
 
-from koi_tray.api.client import CaUnreachable
-from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest
+from koi_tray.certmesh.ca import JoinRequest
 from koi_tray.certmesh.clock import ManualClock
 from koi_tray.certmesh.errors import InvalidAuth
-from koi_tray.certmesh.layout import DataDir
 from koi_tray.certmesh.member import Membership
 from koi_tray.compose.config import NodeConfig
 from koi_tray.compose.deciders import deny_and_log_decider
@@ -34,51 +33,6 @@ from koi_tray.compose.renewal import PassResult, RenewalLoop, RenewalRecord, ca_
 
 DAY = dt.timedelta(days=1)
 HOUR = dt.timedelta(hours=1)
-
-
-class OutageLink:
-    """The CA called in-process; while `outage.down`, it behaves like an unreachable CA."""
-
-    def __init__(self, ca: CertificateAuthority, membership: Membership, outage: Outage) -> None:
-        self.ca = ca
-        self.membership = membership
-        self.outage = outage
-
-    async def fetch_bundle(self) -> dict[str, Any]:
-        self.outage.check()
-        return self.ca.trust_bundle()
-
-    async def renew(self, csr_pem: str) -> dict[str, Any]:
-        self.outage.check()
-        leaf = self.membership.leaf()
-        host = self.membership.state.hostname
-        return self.ca.renew_member(host, leaf.fingerprint, host, csr_pem).to_json()
-
-
-class Outage:
-    def __init__(self) -> None:
-        self.down = False
-        self.calls = 0
-
-    def check(self) -> None:
-        self.calls += 1
-        if self.down:
-            raise CaUnreachable("connection refused (simulated outage)")
-
-
-def join(ca: CertificateAuthority, root: Path, clock: ManualClock) -> Membership:
-    key, csr = member_csr("node-02")
-    pending = ca.check_join(JoinRequest("node-02", csr, ca.mint_invite("node-02").code))
-    return Membership.install_join(
-        DataDir(root),
-        clock,
-        key,
-        ca.finish_join(pending, None).to_json(),
-        ca_host="127.0.0.1",
-        ca_http_port=5641,
-        pinned_fingerprint=ca.ca_fingerprint,
-        sans=["node-02", "node-02.local"],
-    )
 
 
 async def first_pass(node: Node) -> None:
@@ -94,16 +48,21 @@ async def test_member_node_shows_a_three_week_outage_from_the_first_pass(
     make_ca, clock: ManualClock, tmp_path: Path
 ):
     ca = make_ca("just-me")
-    join(ca, tmp_path / "member", clock)
-    outage = Outage()
-    outage.down = True
+    join_in_process(ca, tmp_path / "member", clock)
+
+    def link_for(membership: Membership) -> DirectLink:  # the node asks for one per pass
+        link = DirectLink(ca, membership)
+        link.down = outage_on
+        return link
+
+    outage_on = True
     clock.set(START + 59 * DAY)  # the leaf falls due on day 60, inside the outage
     config = NodeConfig(data_dir=tmp_path / "member", hostname="node-02", http_port=0)
     node = Node(
         config,
         deny_and_log_decider(),
         clock=clock,
-        link_factory=lambda membership: OutageLink(ca, membership, outage),
+        link_factory=link_for,
     )
     await node.start()
     try:
@@ -123,7 +82,7 @@ async def test_member_node_shows_a_three_week_outage_from_the_first_pass(
             passes.append(await node.renew_now(False))
             snapshot = node.status.refresh()
             assert not snapshot.leaf.expired and snapshot.health == "offline", snapshot
-        outage.down = False
+        outage_on = False
         clock.set(node.renewal.record.view.next_check_at)
         recovered = await node.renew_now(False)
         snapshot = node.status.refresh()
@@ -179,8 +138,8 @@ async def test_clock_jumps_forward_and_back_under_the_running_loop(
     make_ca, clock: ManualClock, tmp_path: Path
 ):
     ca = make_ca("just-me")
-    membership = join(ca, tmp_path / "member", clock)
-    link = OutageLink(ca, membership, Outage())
+    membership = join_in_process(ca, tmp_path / "member", clock)
+    link = DirectLink(ca, membership)
     first = membership.leaf()
     jumps = {3: 61 * DAY, 6: -120 * DAY, 60: 200 * DAY}
 
