@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,21 @@ log = logging.getLogger(__name__)
 
 KEY, CERT, CA, FULLCHAIN = "key.pem", "cert.pem", "ca.pem", "fullchain.pem"
 FILES = (KEY, CERT, CA, FULLCHAIN)
+
+
+_LOCKS: dict[Path, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(directory: Path) -> threading.RLock:
+    """One lock per leaf directory in this process, shared by every LeafStore on it.
+
+    Reads run `recover`, which must never mistake another thread's install in progress
+    for one a crash interrupted.
+    """
+    key = directory.resolve()
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.RLock())
 
 
 @dataclass(frozen=True)
@@ -57,16 +73,26 @@ class LeafStore:
         self.dir = certs_dir / hostname
         self._staging = certs_dir / f".{hostname}.staging"
         self._commit = certs_dir / f".{hostname}.commit"
+        self._lock = _lock_for(self.dir)
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
     def exists(self) -> bool:
-        self.recover()
-        return all(self.path(name).exists() for name in (KEY, CERT, CA))
+        with self._lock:
+            self.recover()
+            return all(self.path(name).exists() for name in (KEY, CERT, CA))
 
     def recover(self) -> str | None:
-        """Finish or discard an interrupted install; return what was done, or None."""
+        """Finish or discard an interrupted install; return what was done, or None.
+
+        An install in progress in this process holds the same lock, so only an install
+        that a crash interrupted is ever finished or discarded here.
+        """
+        with self._lock:
+            return self._recover()
+
+    def _recover(self) -> str | None:
         if self._commit.is_dir():
             self._move_committed()
             log.warning("finished an interrupted certificate install for %s", self.hostname)
@@ -95,6 +121,10 @@ class LeafStore:
         Raises:
             CorruptState: The files exist but cannot be parsed or do not match.
         """
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> Leaf | None:
         if not self.exists():
             return None
         try:
@@ -130,19 +160,30 @@ class LeafStore:
             CA: (ca_pem, PUBLIC_FILE),
             FULLCHAIN: (cert_pem + ca_pem, PUBLIC_FILE),
         }
-        self.recover()
-        ensure_private_dir(self.certs_dir)
-        try:
-            self._stage(contents)
-        except OSError as exc:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            raise StorageError(
-                f"cannot stage new certificate files for {self.hostname}: {exc}"
-            ) from exc
+        with self._lock:
+            self._recover()
+            ensure_private_dir(self.certs_dir)
+            try:
+                self._stage(contents)
+            except OSError as exc:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                raise StorageError(
+                    f"cannot stage new certificate files for {self.hostname}: {exc}"
+                ) from exc
 
-        os.rename(self._staging, self._commit)
-        fsync_dir(self.certs_dir)
-        self._move_committed()
+            try:
+                os.rename(self._staging, self._commit)
+            except OSError as exc:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                raise StorageError(f"cannot commit new certificate files: {exc}") from exc
+            try:
+                fsync_dir(self.certs_dir)
+                self._move_committed()
+            except OSError as exc:
+                raise StorageError(
+                    f"the new certificate for {self.hostname} is committed but not yet in "
+                    f"place ({exc}); it is finished at the next start"
+                ) from exc
 
     def _stage(self, contents: dict[str, tuple[bytes, int]]) -> None:
         if self._staging.exists():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from koi_tray.certmesh.errors import CertmeshError, CorruptState
@@ -166,6 +167,11 @@ class Revocation:
         )
 
 
+def _fold(hostname: str) -> str:
+    """Fold a hostname the way `same_host` compares it."""
+    return hostname.rstrip(".").lower()
+
+
 @dataclass(frozen=True)
 class Roster:
     """An immutable roster value; every change returns a new one."""
@@ -179,17 +185,26 @@ class Roster:
     members: tuple[RosterMember, ...] = ()
     revocations: tuple[Revocation, ...] = ()
 
-    def find(self, hostname: str) -> RosterMember | None:
+    @cached_property
+    def _by_host(self) -> dict[str, RosterMember]:
+        """Members by DNS-folded hostname, built once per (immutable) roster value."""
+        index: dict[str, RosterMember] = {}
         for member in self.members:
-            if same_host(member.hostname, hostname):
-                return member
-        return None
+            index.setdefault(_fold(member.hostname), member)
+        return index
+
+    @cached_property
+    def _revoked_hosts(self) -> frozenset[str]:
+        return frozenset(_fold(r.hostname) for r in self.revocations)
+
+    def find(self, hostname: str) -> RosterMember | None:
+        return self._by_host.get(_fold(hostname))
 
     def is_revoked(self, hostname: str) -> bool:
         member = self.find(hostname)
         if member is not None and member.status == STATUS_REVOKED:
             return True
-        return any(same_host(r.hostname, hostname) for r in self.revocations)
+        return _fold(hostname) in self._revoked_hosts
 
     def is_enrolled(self, hostname: str) -> bool:
         member = self.find(hostname)
@@ -216,7 +231,7 @@ class Roster:
             roster = roster.with_member(replace(member, status=STATUS_REVOKED), bump=False)
         return replace(roster, revocations=roster.revocations + (revocation,), seq=self.seq + 1)
 
-    def to_json(self) -> dict[str, Any]:
+    def metadata_json(self) -> dict[str, Any]:
         metadata: dict[str, Any] = {
             "created_at": format_roster_timestamp(self.created_at),
             "enrollment_open": self.enrollment_open,
@@ -226,8 +241,11 @@ class Roster:
         }
         if self.operator:
             metadata["operator"] = self.operator
+        return metadata
+
+    def to_json(self) -> dict[str, Any]:
         return {
-            "metadata": metadata,
+            "metadata": self.metadata_json(),
             "members": [m.to_json() for m in self.members],
             "revocation_list": [r.to_json() for r in self.revocations],
         }

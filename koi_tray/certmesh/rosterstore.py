@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 from koi_tray.certmesh.errors import StorageError
-from koi_tray.certmesh.files import atomic_write_json
-from koi_tray.certmesh.roster import Roster
+from koi_tray.certmesh.files import atomic_write, readable_json
+from koi_tray.certmesh.roster import Roster, RosterMember
 
 
 class RosterStore:
@@ -30,6 +30,7 @@ class RosterStore:
         self._generation = 0
         self._durable_generation = 0
         self._lost: list[tuple[int, int, str]] = []
+        self._member_lines: dict[int, tuple[RosterMember, str]] = {}
 
     @property
     def working(self) -> Roster:
@@ -63,13 +64,37 @@ class RosterStore:
             with self.lock:
                 snapshot, snapshot_generation = self._working, self._generation
             try:
-                atomic_write_json(self.path, snapshot.to_json())
+                atomic_write(self.path, self._render(snapshot).encode("utf-8"))
             except StorageError as exc:
                 with self.lock:
                     self._lost.append((self._durable_generation, self._generation, str(exc)))
                     self._working = self._durable
                 raise
             self._durable, self._durable_generation = snapshot, snapshot_generation
+
+    def _render(self, roster: Roster) -> str:
+        """`readable_json` of the roster, reusing the text of members that did not change.
+
+        Members are immutable values, so a member object seen in the last write has the
+        same JSON line; a renewal re-serialises one member instead of all of them.
+        """
+        lines: dict[int, tuple[RosterMember, str]] = {}
+        for member in roster.members:
+            cached = self._member_lines.get(id(member))
+            if cached is None or cached[0] is not member:
+                cached = (member, readable_json(member.to_json(), depth=0))
+            lines[id(member)] = cached
+        self._member_lines = lines
+
+        members = ",\n".join(f"    {line}" for _, line in lines.values())
+        revocations = [r.to_json() for r in roster.revocations]
+        return (
+            "{\n"
+            f'  "metadata": {readable_json(roster.metadata_json(), depth=1, indent="  ")},\n'
+            f'  "members": {"[" + chr(10) + members + chr(10) + "  ]" if members else "[]"},\n'
+            f'  "revocation_list": {readable_json(revocations, depth=1, indent="  ")}\n'
+            "}\n"
+        )
 
     def write_now(self, roster: Roster) -> None:
         """Stage and commit in one step (for changes made outside the hot paths)."""
