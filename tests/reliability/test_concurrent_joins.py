@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -98,13 +99,13 @@ async def test_fifty_joins_at_once_end_exactly_as_decided(
     no_keyring(monkeypatch)
     monkeypatch.setattr("koi_tray.certmesh.ca.APPROVAL_TIMEOUT", dt.timedelta(seconds=1))
     written: list[int] = []
-    real_write = rosterstore.atomic_write_json
+    real_write = rosterstore.atomic_write
 
-    def recording_write(path: Path, value: Any, *args: Any) -> None:
-        real_write(path, value, *args)
-        written.append(value["metadata"]["seq"])
+    def recording_write(path: Path, data: bytes, *args: Any) -> None:
+        real_write(path, data, *args)
+        written.append(json.loads(data)["metadata"]["seq"])
 
-    monkeypatch.setattr(rosterstore, "atomic_write_json", recording_write)
+    monkeypatch.setattr(rosterstore, "atomic_write", recording_write)
     rng = random.Random(50)
     hosts = [f"node-{n:02d}" for n in range(1, JOINS + 1)]
     plan = {host: rng.choice(["approve", "deny", "timeout"]) for host in hosts}
