@@ -171,7 +171,10 @@ class Served:
             status, body = get_json(f"{self.url}/v1/certmesh/status", timeout=1.0)
         except (OSError, ValueError):
             return False
-        return status == 200 and (not expect_mtls or body.get("mtls_port") == self.mtls_port)
+        if status != 200:
+            return False
+        # The breadcrumb is rewritten once the mTLS port runs, just after /status shows it.
+        return not expect_mtls or body.get("mtls_port") == crumb.get("mtls_port") == self.mtls_port
 
     def stop(self) -> int | None:
         """SIGTERM, then wait; kill if the ordered shutdown hangs. Idempotent."""

@@ -255,6 +255,7 @@ def mtls_server_context(fullchain: Path, key: Path, ca_pem: Path) -> ssl.SSLCont
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(fullchain, key)
     context.load_verify_locations(cafile=str(ca_pem))
+    context.num_tickets = 0
     return context
 
 
