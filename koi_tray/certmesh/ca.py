@@ -36,6 +36,7 @@ from koi_tray.certmesh.errors import (
     RateLimited,
     Revoked,
     ScopeViolation,
+    StorageError,
 )
 from koi_tray.certmesh.files import (
     PUBLIC_FILE,
@@ -420,14 +421,27 @@ class CertificateAuthority:
             if self._roster.is_enrolled(hostname):
                 raise Conflict(f"{hostname} is already an active member")
             checked = pki.check_csr(join.csr_pem, hostname)
-            if len(self._pending) >= MAX_PENDING_APPROVALS:
-                raise RateLimited("too many joins are waiting for approval; try again later")
+            pending = self._pending_join(hostname, join, reservation, checked, sans)
         except Exception as exc:
             if reservation is not None:
                 self.invites.release(reservation)
             self._audit_refusal(hostname, exc, join.peer_address)
             raise
+        return pending
 
+    def _pending_join(
+        self,
+        hostname: str,
+        join: JoinRequest,
+        reservation: Reservation,
+        checked: pki.CheckedCsr,
+        sans: tuple[str, ...],
+    ) -> PendingJoin:
+        """Build the approval request; register it if a person must decide.
+
+        Raises:
+            RateLimited: As many joins as allowed already wait for a person.
+        """
         now = self.clock.now()
         invite = reservation.invite
         request = ApprovalRequest(
@@ -444,8 +458,11 @@ class CertificateAuthority:
             deadline=now + APPROVAL_TIMEOUT,
         )
         pending = PendingJoin(request, reservation, checked.csr, sans)
-        with self._pending_lock:
-            self._pending[request.request_id] = pending
+        if request.requires_approval:
+            with self._pending_lock:
+                if len(self._pending) >= MAX_PENDING_APPROVALS:
+                    raise RateLimited("too many joins are waiting for approval; try again later")
+                self._pending[request.request_id] = pending
         return pending
 
     def _audit_refusal(self, hostname: str, exc: Exception, peer: str | None) -> None:
@@ -522,13 +539,13 @@ class CertificateAuthority:
                 )
                 generation = self.rosters.stage(roster.with_member(member))
             self.rosters.commit(generation)
-            self.invites.spend(pending.reservation)
         except Exception as exc:
             self.abandon_join(pending, "enroll_failed", str(exc))
             raise
         finally:
             with self._pending_lock:
                 self._pending.pop(pending.request.request_id, None)
+        self._spend_after_join(pending)
 
         self.audit.record(
             "member_joined",
@@ -546,6 +563,23 @@ class CertificateAuthority:
             self.ca_fingerprint,
             roster.policy,
         )
+
+    def _spend_after_join(self, pending: PendingJoin) -> None:
+        """Mark the invite used once its member is on the roster.
+
+        The member is already recorded, so a failed write here cannot undo the join. An
+        invite left unspent is harmless: it is bound to a host that is now an active
+        member, and an active or revoked host can never join again.
+        """
+        try:
+            self.invites.spend(pending.reservation)
+        except (StorageError, CorruptState) as exc:
+            self.invites.release(pending.reservation)
+            log.warning(
+                "%s joined, but its invite could not be marked used: %s",
+                pending.request.hostname,
+                exc,
+            )
 
     # -- renewal -------------------------------------------------------------------------
 

@@ -57,20 +57,22 @@ async def enroll(
             ApprovalUnavailable. asyncio.CancelledError propagates after the join has
             been refused and audited.
     """
-    pending: PendingJoin = await run(ca.check_join, join)
+    pending = await _checked(ca, join, run)
     request = pending.request
     if not request.requires_approval:
         return await commit(ca.finish_join, pending, None)
 
     if decider is None:
-        ca.abandon_join(pending, "enroll_approval_unavailable", "no approver is attached")
+        detail = "no approver is attached"
+        await run(ca.abandon_join, pending, "enroll_approval_unavailable", detail)
         raise ApprovalUnavailable("joins need approval but no approver is attached to this CA")
 
     timeout = request.seconds_left(ca.clock.now())
     try:
         decision = await asyncio.wait_for(decider(request), timeout)
     except TimeoutError:
-        ca.abandon_join(pending, "enroll_approval_timeout", f"no decision within {timeout:.0f} s")
+        detail = f"no decision within {timeout:.0f} s"
+        await run(ca.abandon_join, pending, "enroll_approval_timeout", detail)
         raise ApprovalTimeout(f"no one approved {request.hostname} in time") from None
     except asyncio.CancelledError:
         ca.abandon_join(
@@ -79,7 +81,8 @@ async def enroll(
         raise
     except Exception as exc:
         log.debug("approval decider raised for %s", request.hostname, exc_info=True)
-        ca.abandon_join(pending, "enroll_approval_denied", f"the approver failed: {exc!r}")
+        detail = f"the approver failed: {exc!r}"
+        await run(ca.abandon_join, pending, "enroll_approval_denied", detail)
         raise ApprovalDenied("the join was not approved (the approver failed)") from exc
 
     if isinstance(decision, Approved) and isinstance(decision.operator, str):
@@ -92,5 +95,26 @@ async def enroll(
     else:
         reason = f"the approver answered {type(decision).__name__}, not a decision"
 
-    ca.abandon_join(pending, "enroll_approval_denied", reason)
+    await run(ca.abandon_join, pending, "enroll_approval_denied", reason)
     raise ApprovalDenied(f"the join of {request.hostname} was denied: {reason}")
+
+
+async def _checked(ca: CertificateAuthority, join: JoinRequest, run: Runner) -> PendingJoin:
+    """Run the CA's checks; a join cancelled meanwhile still lets go of what they hold.
+
+    The checks run on a worker thread that cancellation cannot stop, and on success they
+    have reserved the invite and registered the join as pending. A joiner that hangs up
+    during them must not leave either behind, or the invite stays unusable until restart.
+    """
+    checks = asyncio.ensure_future(run(ca.check_join, join))
+    try:
+        return await asyncio.shield(checks)
+    except asyncio.CancelledError:
+        checks.add_done_callback(lambda done: _abandon_cancelled(ca, done))
+        raise
+
+
+def _abandon_cancelled(ca: CertificateAuthority, checks: asyncio.Future[PendingJoin]) -> None:
+    if checks.cancelled() or checks.exception() is not None:
+        return
+    ca.abandon_join(checks.result(), "enroll_approval_denied", "cancelled: the joiner hung up")

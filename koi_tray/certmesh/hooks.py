@@ -7,8 +7,10 @@ ends, so callers on an event loop run it in an executor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -60,22 +62,41 @@ def run_reload_hook(command: str, timeout: float = DEFAULT_TIMEOUT) -> HookResul
     """Run a validated hook without a shell; never raises for the command's own failure."""
     argv = command.split()
     try:
-        done = subprocess.run(
+        process = subprocess.Popen(
             argv,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env={**os.environ, "KOI_TRAY_HOOK": "1"},
+            start_new_session=os.name == "posix",
         )
-    except subprocess.TimeoutExpired:
-        log.warning("reload hook %r did not finish within %g s and was killed", command, timeout)
-        return HookResult(command, False, f"timed out after {timeout:g} s")
     except OSError as exc:
         log.warning("reload hook %r could not start: %s", command, exc)
         return HookResult(command, False, str(exc))
 
-    output = (done.stdout + done.stderr).decode("utf-8", "replace").strip()[:MAX_OUTPUT]
-    if done.returncode != 0:
-        log.warning("reload hook %r exited with %d", command, done.returncode)
-    return HookResult(command, done.returncode == 0, output)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_hook(process)
+        log.warning("reload hook %r did not finish within %g s and was killed", command, timeout)
+        return HookResult(command, False, f"timed out after {timeout:g} s")
+
+    output = (stdout + stderr).decode("utf-8", "replace").strip()[:MAX_OUTPUT]
+    if process.returncode != 0:
+        log.warning("reload hook %r exited with %d", command, process.returncode)
+    return HookResult(command, process.returncode == 0, output)
+
+
+def _kill_hook(process: subprocess.Popen[bytes]) -> None:
+    """Kill a hook and, on POSIX, every process it started (its own session)."""
+    if os.name == "posix":
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.kill()
+    try:
+        process.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        # A process that left the hook's session still holds its output pipes.
+        log.warning("reload hook pid %d left a process holding its output", process.pid)
+        process.wait()

@@ -9,14 +9,14 @@ from koi_tray.certmesh.errors import InvalidPayload
 
 MAX_EXTRA_SANS = 16
 
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def is_valid_hostname(name: object) -> bool:
     """Tell whether `name` is an RFC 1123 hostname (1–253 chars, labels of 1–63)."""
     if not isinstance(name, str) or not 1 <= len(name) <= 253 or not name.isascii():
         return False
-    return all(_LABEL.match(label) for label in name.split("."))
+    return all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def validate_hostname(name: object) -> str:
@@ -37,6 +37,9 @@ def same_host(a: str, b: str) -> bool:
 
 
 def is_ip_literal(value: str) -> bool:
+    """Tell whether `value` is a plain IPv4 or IPv6 address (no zone such as `%eth0`)."""
+    if "%" in value:
+        return False
     try:
         ipaddress.ip_address(value)
     except ValueError:

@@ -129,6 +129,9 @@ class InviteBook:
     ) -> MintedInvite:
         """Create an invite for `hostname`, pruning used and expired ones.
 
+        An invite held by a join in flight is kept even if it expired meanwhile: a join
+        checked while its invite was valid stays good while a person decides.
+
         Raises:
             InvalidPayload: `ttl` is outside one minute to seven days.
         """
@@ -140,7 +143,11 @@ class InviteBook:
         secret = secrets.token_hex(SECRET_BYTES)
         invite = Invite(hostname, hash_secret(secret), now + ttl, created_at=now)
         with self._lock:
-            kept = [i for i in self._load() if not i.used and i.expires_at > now]
+            kept = [
+                i
+                for i in self._load()
+                if (not i.used and i.expires_at > now) or i.token_hash in self._reserved
+            ]
             self._save([*kept, invite])
         return MintedInvite(f"{secret}.{ca_fingerprint}", hostname, invite.expires_at)
 

@@ -42,8 +42,15 @@ class KdfParams:
     lanes: int = 4
 
     def check(self) -> None:
+        """Refuse costs below the safe floor, or so high that a tampered file hangs unlock.
+
+        Raises:
+            CorruptState: Below 8 MiB / 1 iteration / 1 lane, or above 1 GiB / 16 / 16.
+        """
         if self.memory_kib < 8192 or self.iterations < 1 or self.lanes < 1:
             raise CorruptState("ca-key.enc asks for Argon2id parameters below the safe floor")
+        if self.memory_kib > 1 << 20 or self.iterations > 16 or self.lanes > 16:
+            raise CorruptState("ca-key.enc asks for Argon2id parameters above any sane cost")
 
 
 FAST_TEST_KDF = KdfParams(memory_kib=8192, iterations=1, lanes=1)
@@ -117,6 +124,8 @@ def decrypt_ca_key(sealed: bytes, passphrase: str) -> ec.EllipticCurvePrivateKey
         ciphertext = base64.b64decode(document["ciphertext"], validate=True)
         if document.get("format") != FORMAT or kdf.get("algorithm") != "argon2id":
             raise ValueError("unknown format")
+        if len(nonce) != 12 or len(salt) < 16:
+            raise ValueError("nonce or salt of the wrong length")
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptState(f"ca-key.enc is not a koi-tray CA key ({exc})") from exc
 

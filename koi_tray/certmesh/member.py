@@ -275,9 +275,12 @@ class Membership:
         change = apply_bundle(self.state, verified, self.clock.now())
         if change.updated or self._bundle_time_is_stale(change.state):
             self.save(change.state)
-            self.leaf_store.write_ca(pki.load_cert_pem(verified.ca_cert_pem))
         else:
             self.state = change.state
+        if self.leaf_store.write_ca(pki.load_cert_pem(verified.ca_cert_pem)):
+            log.warning(
+                "ca.pem of %s differed from the CA's bundle; rewrote it", self.state.hostname
+            )
         if change.newly_revoked:
             log.warning(
                 "trust bundle seq %d says this node (%s) is revoked",

@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import re
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -130,6 +131,8 @@ BAD_CSRS: dict[str, Callable[[], object]] = {
 
 HOSTILE_HOSTNAMES = [
     "node\na",
+    "node-a\n",
+    "node-a.lan\n",
     "node|a",
     "node=a",
     "nöde-a",
@@ -256,6 +259,12 @@ REFUSALS: dict[str, Refusal] = {
     ),
     "sans-wildcard": Refusal(_with_sans(["*.lan"]), InvalidPayload, "enroll_invalid_request"),
     "sans-newline": Refusal(_with_sans(["ok.lan\nevil"]), InvalidPayload, "enroll_invalid_request"),
+    "sans-trailing-newline": Refusal(
+        _with_sans(["alias.lan\n"]), InvalidPayload, "enroll_invalid_request"
+    ),
+    "sans-ipv6-zone": Refusal(
+        _with_sans(["fe80::1%eth0"]), InvalidPayload, "enroll_invalid_request"
+    ),
     "sans-not-a-list": Refusal(_with_sans("alias.lan"), InvalidPayload, "enroll_invalid_request"),
     "invite-expired": Refusal(_expired_invite, InvalidAuth, "enroll_token_invalid"),
     "invite-used": Refusal(_used_invite, InvalidAuth, "enroll_token_invalid"),
@@ -715,3 +724,49 @@ async def test_cancelled_approval_refuses_the_join(team: CertificateAuthority):
     assert "cancelled" in fields["detail"]
     await enroll(team, join_request("node-a", code)[1], Decider(Approved("Bob")))
     assert team.roster.is_enrolled("node-a")
+
+
+@pytest.mark.asyncio
+async def test_a_join_cancelled_during_its_checks_lets_go_of_its_invite(
+    team: CertificateAuthority,
+):
+    code = team.mint_invite("node-a").code
+    checking, finish_checks = threading.Event(), threading.Event()
+    real_check = team.check_join
+
+    def slow_check(join):
+        checking.set()
+        finish_checks.wait(5)
+        return real_check(join)
+
+    team.check_join = slow_check
+    task = asyncio.create_task(enroll(team, join_request("node-a", code)[1], _never_answers))
+    await asyncio.to_thread(checking.wait, 5)
+    task.cancel()
+    finish_checks.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(300):
+        if team.audit.events()[-1][1] == "enroll_approval_denied":
+            break
+        await asyncio.sleep(0.01)
+
+    team.check_join = real_check
+    assert team.pending_approvals() == []
+    assert "hung up" in team.audit.events()[-1][2]["detail"]
+    await enroll(team, join_request("node-a", code)[1], Decider(Approved("Bob")))
+    assert team.roster.is_enrolled("node-a")
+
+
+@pytest.mark.asyncio
+async def test_joins_needing_no_approval_are_not_listed_as_pending(
+    ca: CertificateAuthority,
+):
+    code = ca.mint_invite("node-a").code
+    assert not ca.roster.requires_approval
+
+    pending = ca.check_join(join_request("node-a", code)[1])
+
+    assert ca.pending_approvals() == []
+    ca.finish_join(pending, None)
+    assert ca.roster.is_enrolled("node-a")

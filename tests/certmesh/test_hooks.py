@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from meshtools import join_member, snapshot
@@ -75,6 +76,31 @@ def test_slow_hook_is_killed_at_the_timeout():
     assert result.success is False
     assert elapsed < 3
     assert result.output == "timed out after 0.5 s"
+
+
+def test_a_timed_out_hook_takes_the_processes_it_started_with_it(tmp_path: Path):
+    script = tmp_path / "reload.sh"
+    pid_file = tmp_path / "child.pid"
+    script.write_text(f"#!/bin/sh\n/bin/sleep 30 &\necho $! > {pid_file}\nwait\n")
+    script.chmod(0o700)
+
+    result = run_reload_hook(str(script), timeout=0.5)
+
+    assert result.success is False
+    child = int(pid_file.read_text())
+    for _ in range(100):
+        if not _alive(child):
+            break
+        time.sleep(0.02)
+    assert not _alive(child), "the hook's background child outlived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.parametrize("command", ["/bin/false", "/bin/ls /nonexistent-koi-tray-dir"])

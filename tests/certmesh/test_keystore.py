@@ -134,8 +134,24 @@ def _tamper(field: str):
         (lambda d: d.update(format="koi-slots-v1"), CorruptState),
         (lambda d: d.update(ciphertext="%%%"), CorruptState),
         (lambda d: d.pop("nonce"), CorruptState),
+        (lambda d: d.update(nonce=""), CorruptState),
+        (lambda d: d.update(nonce=base64.b64encode(b"x" * 7).decode()), CorruptState),
+        (lambda d: d["kdf"].update(memory_kib=64 << 20), CorruptState),
+        (lambda d: d["kdf"].update(iterations=10**6), CorruptState),
     ],
-    ids=["ciphertext", "nonce", "salt", "weak-kdf", "format", "bad-base64", "no-nonce"],
+    ids=[
+        "ciphertext",
+        "nonce",
+        "salt",
+        "weak-kdf",
+        "format",
+        "bad-base64",
+        "no-nonce",
+        "empty-nonce",
+        "short-nonce",
+        "huge-memory",
+        "huge-iterations",
+    ],
 )
 def test_tampered_key_file_is_refused(ca: CertificateAuthority, clock, mangle, error):
     document = json.loads(ca.data.ca_key.read_bytes())
