@@ -34,7 +34,7 @@ import secrets
 import shlex
 import sys
 import xml.parsers.expat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -81,12 +81,19 @@ class AutostartStatus:
             when the entry cannot be parsed.
         location: The entry's file path, or its registry key on Windows.
         stale: The entry exists but differs from what `enable` would write now.
+        program: The program the entry starts (the interpreter), when it can be read.
     """
 
     state: str
     command: str | None
     location: str
     stale: bool
+    program: str | None = None
+
+    @property
+    def moved(self) -> bool:
+        """Tell whether the entry starts a program that no longer exists (a moved venv)."""
+        return self.program is not None and not os.path.exists(self.program)
 
 
 class Registry(Protocol):
@@ -152,16 +159,23 @@ class Autostart(abc.ABC):
         self._executable = executable
         self._paths = paths
 
-    def command(self, data_dir: Path | None = None) -> list[str]:
-        """Return the argv `enable(data_dir)` would make the session run."""
-        return _command(self._executable, data_dir, self._paths)
+    @property
+    def program(self) -> str:
+        """The interpreter the entries start."""
+        return self._executable
+
+    def command(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> list[str]:
+        """Return the argv `enable(data_dir, args)` would make the session run."""
+        return _command(self._executable, data_dir, self._paths, args)
 
     @abc.abstractmethod
-    def enable(self, data_dir: Path | None = None) -> AutostartStatus:
+    def enable(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> AutostartStatus:
         """Write the login entry so koi-tray starts at the next login.
 
         Args:
             data_dir: Passed as `--data-dir` (made absolute); None keeps the default.
+            args: More `koi-tray` arguments after `--data-dir`, such as
+                `["tray", "--http-bind", "0.0.0.0"]`.
 
         Raises:
             AutostartError: The entry could not be written.
@@ -176,17 +190,21 @@ class Autostart(abc.ABC):
         """
 
     @abc.abstractmethod
-    def status(self, data_dir: Path | None = None) -> AutostartStatus:
-        """Read the login entry and compare it with what `enable(data_dir)` would write.
+    def status(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> AutostartStatus:
+        """Read the login entry and compare it with what `enable(data_dir, args)` would write.
 
         Raises:
             AutostartError: The entry exists but could not be read.
         """
 
     def _status(
-        self, state: str, command: str | None = None, stale: bool = False
+        self,
+        state: str,
+        command: str | None = None,
+        stale: bool = False,
+        program: str | None = None,
     ) -> AutostartStatus:
-        return AutostartStatus(state=state, command=command, location=self.location, stale=stale)
+        return AutostartStatus(state, command, self.location, stale, program)
 
 
 class XdgAutostart(Autostart):
@@ -211,9 +229,9 @@ class XdgAutostart(Autostart):
         }
         self.location = str(self.entry)
 
-    def enable(self, data_dir: Path | None = None) -> AutostartStatus:
+    def enable(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> AutostartStatus:
         """Write the application entry, the icons and then the autostart entry."""
-        exec_value = desktop_exec(self.command(data_dir))
+        exec_value = desktop_exec(self.command(data_dir, args))
         template = _desktop_template()
 
         _atomic_write(self.application_entry, _desktop_entry(template, exec_value, False))
@@ -221,7 +239,7 @@ class XdgAutostart(Autostart):
         _atomic_write(self.entry, _desktop_entry(template, exec_value, True))
 
         logger.info("autostart enabled: %s runs %s", self.entry, exec_value)
-        return self.status(data_dir)
+        return self.status(data_dir, args)
 
     def disable(self) -> AutostartStatus:
         """Remove the autostart entry, the application entry and the icons."""
@@ -231,7 +249,7 @@ class XdgAutostart(Autostart):
         logger.info("autostart disabled: removed %s", self.entry)
         return self._status(DISABLED)
 
-    def status(self, data_dir: Path | None = None) -> AutostartStatus:
+    def status(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> AutostartStatus:
         """Read the autostart entry; see the class docstring for "disabled by the user"."""
         text = _read_text(self.entry)
         if text is None:
@@ -248,10 +266,11 @@ class XdgAutostart(Autostart):
             return self._status(state, None, stale=True)
         command = unescape_desktop_string(exec_value)
         try:
-            stale = parse_desktop_exec(exec_value) != self.command(data_dir)
+            argv = parse_desktop_exec(exec_value)
         except ValueError:
-            stale = True
-        return self._status(state, command, stale)
+            return self._status(state, command, stale=True)
+        program = argv[0] if argv else None
+        return self._status(state, command, argv != self.command(data_dir, args), program)
 
     def _write_icons(self) -> None:
         try:
@@ -280,17 +299,17 @@ class LaunchAgentAutostart(Autostart):
         self.plist = home / "Library" / "LaunchAgents" / f"{LAUNCH_AGENT_LABEL}.plist"
         self.location = str(self.plist)
 
-    def enable(self, data_dir: Path | None = None) -> AutostartStatus:
+    def enable(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> AutostartStatus:
         """Write the plist with `RunAtLoad` and the current command."""
         agent = {
             "Label": LAUNCH_AGENT_LABEL,
-            "ProgramArguments": self.command(data_dir),
+            "ProgramArguments": self.command(data_dir, args),
             "RunAtLoad": True,
         }
         _atomic_write(self.plist, plistlib.dumps(agent, fmt=plistlib.FMT_XML))
 
         logger.info("autostart enabled: %s", self.plist)
-        return self.status(data_dir)
+        return self.status(data_dir, args)
 
     def disable(self) -> AutostartStatus:
         """Remove the plist."""
@@ -299,7 +318,7 @@ class LaunchAgentAutostart(Autostart):
         logger.info("autostart disabled: removed %s", self.plist)
         return self._status(DISABLED)
 
-    def status(self, data_dir: Path | None = None) -> AutostartStatus:
+    def status(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> AutostartStatus:
         """Read the plist and compare its `ProgramArguments` with the current command."""
         if not self.plist.exists():
             return self._status(DISABLED)
@@ -317,7 +336,9 @@ class LaunchAgentAutostart(Autostart):
         arguments = agent.get("ProgramArguments")
         if not isinstance(arguments, list) or not all(isinstance(a, str) for a in arguments):
             return self._status(state, None, stale=True)
-        return self._status(state, shlex.join(arguments), arguments != self.command(data_dir))
+        stale = arguments != self.command(data_dir, args)
+        program = arguments[0] if arguments else None
+        return self._status(state, shlex.join(arguments), stale, program)
 
 
 class RegistryAutostart(Autostart):
@@ -334,9 +355,9 @@ class RegistryAutostart(Autostart):
         self.registry = registry
         self.location = f"HKCU\\{RUN_KEY}"
 
-    def enable(self, data_dir: Path | None = None) -> AutostartStatus:
+    def enable(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> AutostartStatus:
         """Store the command line as a REG_SZ value and clear a Task Manager switch-off."""
-        command = windows_command_line(self.command(data_dir))
+        command = windows_command_line(self.command(data_dir, args))
         try:
             self.registry.set_value(RUN_KEY, APP_ID, REG_SZ, command)
             self.registry.delete_value(STARTUP_APPROVED_KEY, APP_ID)
@@ -344,7 +365,7 @@ class RegistryAutostart(Autostart):
             raise AutostartError(f"cannot write {self.location}\\{APP_ID}: {exc}") from exc
 
         logger.info("autostart enabled: %s\\%s runs %s", self.location, APP_ID, command)
-        return self.status(data_dir)
+        return self.status(data_dir, args)
 
     def disable(self) -> AutostartStatus:
         """Delete the `Run` value and its `StartupApproved` companion."""
@@ -357,7 +378,7 @@ class RegistryAutostart(Autostart):
         logger.info("autostart disabled: removed %s\\%s", self.location, APP_ID)
         return self._status(DISABLED)
 
-    def status(self, data_dir: Path | None = None) -> AutostartStatus:
+    def status(self, data_dir: Path | None = None, args: Sequence[str] = ()) -> AutostartStatus:
         """Read the `Run` value and Task Manager's switch for it."""
         try:
             run = self.registry.get_value(RUN_KEY, APP_ID)
@@ -373,8 +394,8 @@ class RegistryAutostart(Autostart):
         if kind not in (REG_SZ, REG_EXPAND_SZ) or not isinstance(value, str):
             return self._status(state, None, stale=True)
 
-        expected = windows_command_line(self.command(data_dir))
-        return self._status(state, value, stale=value != expected)
+        expected = windows_command_line(self.command(data_dir, args))
+        return self._status(state, value, value != expected, _windows_program(value))
 
 
 def launch_command(data_dir: Path | None = None) -> list[str]:
@@ -524,11 +545,21 @@ def windows_command_line(argv: list[str]) -> str:
     return " ".join([f'"{program}"', *(_quote_windows_arg(arg) for arg in rest)])
 
 
-def _command(executable: str, data_dir: Path | None, paths: ModuleType) -> list[str]:
+def _command(
+    executable: str, data_dir: Path | None, paths: ModuleType, args: Sequence[str] = ()
+) -> list[str]:
     argv = [executable, "-m", MODULE]
     if data_dir is not None:
         argv += ["--data-dir", paths.abspath(os.fspath(data_dir))]
-    return argv
+    return [*argv, *args]
+
+
+def _windows_program(command: str) -> str | None:
+    """The quoted program at the start of a Run value, as `windows_command_line` writes it."""
+    if not command.startswith('"'):
+        return None
+    end = command.find('"', 1)
+    return command[1:end] if end > 1 else None
 
 
 def _current_executable() -> str:
@@ -666,7 +697,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        fd = os.open(temp, flags, 0o644)
         try:
             view = memoryview(data)
             while view:

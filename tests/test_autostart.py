@@ -409,3 +409,19 @@ def test_windows_quoting_follows_commandlinetoargvw() -> None:
     assert windows_command_line(argv) == (
         r'"C:\p\pythonw.exe" -m koi_tray C:\plain "two words\\" "say \"hi\"" ""'
     )
+
+
+def test_node_options_round_trip_and_a_moved_interpreter_is_told_apart(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    moved = str(tmp_path / "gone" / "python")
+    args = ["tray", "--http-bind", "0.0.0.0"]
+    autostart = autostart_for_platform("linux", home=home, env={}, executable=sys.executable)
+
+    enabled = autostart.enable(tmp_path / "data", args)
+    assert not enabled.stale and not enabled.moved
+    assert enabled.program == sys.executable
+    assert autostart.status(tmp_path / "data").stale  # the options are part of the command
+
+    autostart_for_platform("linux", home=home, env={}, executable=moved).enable()
+    status = autostart.status()
+    assert status.stale and status.moved and status.program == moved

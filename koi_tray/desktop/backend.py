@@ -9,6 +9,8 @@ them on the event loop's thread, whatever thread its toolkit uses. Qt's
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,7 +21,13 @@ from koi_tray.desktop.menu import MenuModel
 ActionHandler = Callable[[str, "str | None"], None]
 ActivateHandler = Callable[[], None]
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("qt", "pystray")
+PYSTRAY_ON_MACOS = (
+    "--tray pystray is not supported on macOS (pystray's darwin backend needs the main "
+    "thread, which Qt owns); using the Qt tray instead"
+)
 
 
 class TrayBackend(Protocol):
@@ -58,12 +66,24 @@ class TrayBackend(Protocol):
         ...
 
 
-def make_backend(name: str, loop: asyncio.AbstractEventLoop) -> TrayBackend:
+def make_backend(
+    name: str, loop: asyncio.AbstractEventLoop, platform: str = sys.platform
+) -> TrayBackend:
     """Create the backend called `name` ("qt" or "pystray").
+
+    On macOS "pystray" is refused with a warning and the Qt backend is made instead.
+
+    Args:
+        name: The backend's name.
+        loop: The event loop pystray's callbacks are handed to.
+        platform: A `sys.platform` value.
 
     Raises:
         ValueError: Unknown name.
     """
+    if name == "pystray" and platform == "darwin":
+        log.warning("%s", PYSTRAY_ON_MACOS)
+        name = "qt"
     if name == "qt":
         from koi_tray.desktop.qt_tray import QtTray
 

@@ -20,12 +20,12 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import shiboken6
-from PySide6.QtCore import QObject, QUrl
+from PySide6.QtCore import QObject, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import QDialog
 
@@ -82,6 +82,7 @@ class TrayController(QObject):
         log_path: Path | None = None,
         autostart: Autostart | None = None,
         autostart_data_dir: Path | None = None,
+        autostart_args: Sequence[str] = (),
         opener: Callable[[Path], None] = open_path,
         parent: QObject | None = None,
     ) -> None:
@@ -98,6 +99,7 @@ class TrayController(QObject):
         self._log_path = log_path
         self._autostart = autostart
         self._autostart_data_dir = autostart_data_dir
+        self._autostart_args = tuple(autostart_args)
         self._autostart_on: bool | None = None
         self._opener = opener
         self._snapshot: NodeSnapshot | None = None
@@ -259,8 +261,9 @@ class TrayController(QObject):
         log.debug("menu action %s %s", key, arg or "")
         try:
             self._dispatch(key, arg)
-        except Exception:
-            log.exception("menu action %s failed", key)
+        except Exception as exc:
+            log.error("menu action %s failed: %r", key, exc)
+            log.debug("menu action %s traceback", key, exc_info=exc)
 
     def _dispatch(self, key: str, arg: str | None) -> None:
         node = self.node
@@ -382,7 +385,7 @@ class TrayController(QObject):
         try:
             if want:
                 status = await loop.run_in_executor(
-                    None, autostart.enable, self._autostart_data_dir
+                    None, autostart.enable, self._autostart_data_dir, self._autostart_args
                 )
             else:
                 status = await loop.run_in_executor(None, autostart.disable)
@@ -394,15 +397,53 @@ class TrayController(QObject):
         self._rerender()
 
     def _read_autostart(self) -> bool | None:
+        """Read the login entry once at start; schedule a repair when the program moved.
+
+        An enabled entry whose program is not this interpreter (the virtualenv was moved
+        or reinstalled elsewhere) would start nothing at the next login, so it is
+        rewritten for this installation, on the executor, right after the loop runs. An
+        entry that only differs in its options (another data dir, other binds) was the
+        person's choice and is left alone.
+        """
         if self._autostart is None:
             return None
         from koi_tray.autostart import ENABLED, AutostartError
 
         try:
-            return self._autostart.status(self._autostart_data_dir).state == ENABLED
+            status = self._autostart.status(self._autostart_data_dir, self._autostart_args)
         except AutostartError as exc:
             log.warning("cannot read the start-at-login entry: %s", exc)
             return False
+        if status.state != ENABLED:
+            return False
+        if status.stale and (status.program is None or status.program != self._autostart.program):
+            log.info("start-at-login entry runs %s, which is not this koi-tray", status.command)
+            QTimer.singleShot(0, self._start_autostart_repair)
+        return True
+
+    def _start_autostart_repair(self) -> None:
+        if not self.quitting:
+            self._spawn(self._repair_autostart(), "tray-autostart-repair")
+
+    async def _repair_autostart(self) -> None:
+        from koi_tray.autostart import ENABLED, AutostartError
+
+        autostart = self._autostart
+        if autostart is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            status = await loop.run_in_executor(
+                None, autostart.enable, self._autostart_data_dir, self._autostart_args
+            )
+        except AutostartError as exc:
+            log.warning("the start-at-login entry is broken and cannot be repaired: %s", exc)
+            self._autostart_on = False
+            self.notify("Start at login", f"The login entry is broken: {exc}")
+        else:
+            log.info("repaired start-at-login entry: %s runs %s", status.location, status.command)
+            self._autostart_on = status.state == ENABLED
+        self._rerender()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -442,4 +483,5 @@ class TrayController(QObject):
             return
         exc = task.exception()
         if exc is not None:
-            log.error("%s failed: %r", task.get_name(), exc, exc_info=exc)
+            log.error("%s failed: %r", task.get_name(), exc)
+            log.debug("%s traceback", task.get_name(), exc_info=exc)

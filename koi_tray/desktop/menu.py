@@ -61,7 +61,9 @@ class MenuItem:
     Attributes:
         key: Stable identity; backends keep one native item per key.
         text: What the line says.
-        kind: `info` (a greyed status line), `action`, `check`, `submenu` or `separator`.
+        kind: `info` (a status line: enabled, so every theme draws it legibly, and
+            clicking it opens the status window), `action`, `check`, `submenu` or
+            `separator`.
         enabled: Whether it can be clicked.
         visible: Whether it is shown at all.
         checked: For `check` items.
@@ -274,11 +276,16 @@ def _bundle_item(snapshot: NodeSnapshot, now: dt.datetime) -> MenuItem:
         return MenuItem("bundle", enabled=False, visible=False)
     revoked = f", {bundle.revoked_count} revoked" if bundle.revoked_count else ""
     if snapshot.role == "ca":
+        # A CA signs the bundle afresh on every request; the age it can show is that of
+        # the roster change that made this seq, when the snapshot carries it.
         text = f"Trust bundle: seq {bundle.seq}{revoked}, published here"
+        if bundle.received_at is not None:
+            text += f" (changed {_ago(now - bundle.received_at)})"
     elif bundle.received_at is None:
         text = "Trust bundle: none received yet"
     else:
-        text = f"Trust bundle: seq {bundle.seq}{revoked}, received {_ago(now - bundle.received_at)}"
+        age = _ago(now - bundle.received_at)
+        text = f"Trust bundle: seq {bundle.seq}{revoked}, received {age}"
     return MenuItem("bundle", text)
 
 

@@ -10,7 +10,10 @@ callback arrives on that thread and is handed to the asyncio loop with
 The menu is one `pystray.Menu` whose texts and states are callables reading the latest
 `MenuModel`, so `set_menu` only swaps the model and asks pystray to redraw. pystray's
 xorg backend has no menu at all: there a left click (the menu's default item) opens the
-status window, which carries the same lines and actions.
+status window, which carries the same lines and actions. On the gtk and appindicator
+backends `set_menu` is called on the loop thread while GTK runs on pystray's, so the
+redraw is handed to GLib's main loop with `GLib.idle_add`; that path is untested here
+(see docs/known-issues.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from koi_tray.desktop.menu import CHECK, INFO, SEPARATOR, STATUS, SUBMENU, MenuI
 log = logging.getLogger(__name__)
 
 ICON_NAME = "koi-tray"
+_GLIB_BACKENDS = frozenset({"pystray._gtk", "pystray._appindicator"})
 STOP_JOIN_S = 1.0
 """How long `close` waits for pystray's thread. It is a daemon thread: if pystray's xorg
 loop misses the end of its window (seen now and then), the process exits without it."""
@@ -112,8 +116,15 @@ class PystrayTray:
     def set_menu(self, model: MenuModel) -> None:
         self._model = model
         self._items = {item.key: item for item in model.items}
-        if self._icon is not None and self._icon.HAS_MENU:
-            self._icon.update_menu()
+        icon = self._icon
+        if icon is None or not icon.HAS_MENU:
+            return
+        if type(icon).__module__ in _GLIB_BACKENDS:
+            from gi.repository import GLib
+
+            GLib.idle_add(_update_menu_once, icon)
+        else:
+            icon.update_menu()
 
     def notify(self, title: str, body: str, urgent: bool = False) -> None:
         if self._icon is not None and self._icon.HAS_NOTIFICATION:
@@ -186,6 +197,11 @@ class PystrayTray:
 def _x11_title(text: str) -> str:
     """Make `text` fit pystray's xorg window name, which python-xlib encodes as Latin-1."""
     return text.replace("…", "...").encode("latin-1", "replace").decode("latin-1")
+
+
+def _update_menu_once(icon: Any) -> bool:
+    icon.update_menu()
+    return False  # run once, not on every idle pass
 
 
 def _make_visible(icon: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +29,11 @@ from koi_tray.compose.status import (
 )
 
 NOW = dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC)
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+UPDATE_SCREENSHOTS = "KOI_TRAY_UPDATE_SCREENSHOTS"
 CA_FINGERPRINT = "5db49a9382327b21" + "ab" * 24
 PASSPHRASE = "correct horse battery"
+LOCKED_REASON = "the CA key is locked; unlock it with the passphrase"
 _ids = itertools.count(1)
 
 
@@ -103,11 +107,12 @@ def ca_snapshot(
             last_outcome="not_due",
             next_check_at=NOW + dt.timedelta(minutes=57),
         ),
-        bundle=BundleView(seq=3, received_at=NOW, self_revoked=False, revoked_count=0),
+        # A CA's node reports no time for its own bundle (it signs one per request).
+        bundle=BundleView(seq=3, received_at=None, self_revoked=False, revoked_count=0),
         ca=CaView(
             fingerprint=CA_FINGERPRINT,
             locked=locked,
-            locked_reason="the CA key is locked; unlock it with the passphrase" if locked else None,
+            locked_reason=LOCKED_REASON if locked else None,
             enrollment_open=enrollment_open,
             requires_approval=requires_approval,
             seq=3,
@@ -173,3 +178,24 @@ async def start_node(root: Path, hostname: str, decider: Decider) -> Node:
 
 def http_url(node: Node) -> str:
     return f"http://127.0.0.1:{node.address('http')[1]}"
+
+
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    """Where a test saves screenshot `name`: the test's temporary folder, or
+    docs/screenshots when `KOI_TRAY_UPDATE_SCREENSHOTS=1` asks to update the tracked ones.
+    """
+    folder = SCREENSHOTS if os.environ.get(UPDATE_SCREENSHOTS) == "1" else tmp_path / "shots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def assert_real_png(path: Path, size: tuple[int, int] | list[int]) -> None:
+    """Check `path` is a PNG of `size` pixels with a picture in it, not one flat colour."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        assert tuple(image.size) == tuple(size), (path, image.size, size)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 8, f"{path} is nearly blank: {colours}"
+    assert min(size) > 100, f"{path} is only {size}"

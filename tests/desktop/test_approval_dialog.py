@@ -8,7 +8,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from desktoptools import http_url, make_request, start_node, wait_until
+from desktoptools import (
+    assert_real_png,
+    http_url,
+    make_request,
+    screenshot_path,
+    start_node,
+    wait_until,
+)
 from PySide6.QtCore import Qt
 from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QApplication, QWidget
@@ -17,8 +24,6 @@ from koi_tray.certmesh.approval import ApprovalRequest, Approved, Decision, Deni
 from koi_tray.compose.deciders import deny_and_log_decider
 from koi_tray.desktop import approval
 from koi_tray.desktop.approval import ApprovalBoard, ApprovalDialog, dialog_decider
-
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 
 async def open_one(
@@ -222,14 +227,17 @@ async def test_http_is_served_while_a_dialog_is_open(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_save_screenshot_of_the_dialog() -> None:
+async def test_save_screenshot_of_the_dialog(tmp_path: Path) -> None:
     board = ApprovalBoard()
     board.operator_name = "Alice"
     task, dialog = await open_one(board, make_request("nas", seconds=272))
     dialog.adjustSize()
     await asyncio.sleep(0.05)
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    assert dialog.grab().save(str(SCREENSHOTS / "approval-dialog.png"))
+    path = screenshot_path(tmp_path, "approval-dialog.png")
+    pixmap = dialog.grab()
+    assert pixmap.save(str(path))
+    assert_real_png(path, (pixmap.width(), pixmap.height()))
+    assert pixmap.width() >= dialog.minimumWidth()
     click(dialog.deny_button)
     await task

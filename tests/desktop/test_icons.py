@@ -123,7 +123,8 @@ def test_badge_paints_only_the_corner(size: int) -> None:
     assert mean_difference(plain.crop(corner), badged.crop(corner)) > 20
     assert mean_difference(plain.crop(opposite), badged.crop(opposite)) < 1
 
-    families = Counter(colour_family(p[:3]) for p in rgba_pixels(badged.crop(corner)) if p[3] > 200)
+    pixels = rgba_pixels(badged.crop(corner))
+    families = Counter(colour_family(p[:3]) for p in pixels if p[3] > 200)
     assert families["red"] > 0
     assert families["white"] > 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -45,6 +46,15 @@ def test_ca_menu_shows_mesh_certificate_members_and_posture() -> None:
     assert model.find("ca_key").text == "CA key: unlocked"
     assert model.icon_state is IconState.OK
     assert model.tooltip == "koi-tray ca ca-host · certificate 89 days left"
+
+
+def test_ca_bundle_line_shows_the_age_of_the_last_roster_change_when_known() -> None:
+    snapshot = ca_snapshot()
+    changed = dataclasses.replace(snapshot.bundle, received_at=NOW - dt.timedelta(hours=5))
+
+    model = m.build_menu(dataclasses.replace(snapshot, bundle=changed), tz=UTC)
+
+    assert model.find("bundle").text == "Trust bundle: seq 3, published here (changed 5 h ago)"
 
 
 def test_ca_actions_offer_invite_but_not_unlock() -> None:

@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from desktoptools import PASSPHRASE, http_url, node_config, start_node, wait_until
+from desktoptools import (
+    PASSPHRASE,
+    assert_real_png,
+    http_url,
+    node_config,
+    screenshot_path,
+    start_node,
+    wait_until,
+)
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtTest import QTest
@@ -37,7 +45,6 @@ from koi_tray.desktop.approval import ApprovalBoard, dialog_decider
 from koi_tray.desktop.controller import TrayController
 from koi_tray.desktop.qt_tray import QtTray
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 INVITE_CODE = re.compile(r"^[0-9a-f]{48}\.[0-9a-f]{64}$")
 
 
@@ -75,7 +82,8 @@ async def attach_tray(node: Node, board: ApprovalBoard, tmp_path: Path, **kw: An
 
 async def start_ca(tmp_path: Path, preset: str = "team") -> tuple[Node, ApprovalBoard]:
     board = ApprovalBoard()
-    node = Node(node_config(tmp_path, "ca-host"), dialog_decider(board), kdf=keystore.FAST_TEST_KDF)
+    config = node_config(tmp_path, "ca-host")
+    node = Node(config, dialog_decider(board), kdf=keystore.FAST_TEST_KDF)
     await node.start()
     await node.create_ca(PASSPHRASE, preset, "Alice")
     return node, board
@@ -106,7 +114,9 @@ def click(widget: QWidget) -> None:
 
 
 @pytest.mark.asyncio
-async def test_join_approved_in_the_dialog_enrols_the_member(ca_tray: Tray, member: Node) -> None:
+async def test_join_approved_in_the_dialog_enrols_the_member(
+    ca_tray: Tray, member: Node, tmp_path: Path
+) -> None:
     codes: list[str] = []
     join = begin_join(ca_tray.node, member, codes)
 
@@ -138,8 +148,10 @@ async def test_join_approved_in_the_dialog_enrols_the_member(ca_tray: Tray, memb
     assert window is not None and window.isVisible()
     window.adjustSize()
     await asyncio.sleep(0.05)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    assert window.grab().save(str(SCREENSHOTS / "status-window.png"))
+    path = screenshot_path(tmp_path, "status-window.png")
+    pixmap = window.grab()
+    assert pixmap.save(str(path))
+    assert_real_png(path, (pixmap.width(), pixmap.height()))
 
 
 @pytest.mark.asyncio

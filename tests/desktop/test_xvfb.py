@@ -9,8 +9,13 @@ JSON report) or `run_tray_driver.py` (the whole app). They run in the ordinary
 invocation, `.venv/bin/python -m pytest tests/desktop`, and are skipped, with the
 reason, only when Xvfb, trayer, xdotool or ImageMagick's `import` is missing.
 
-Mouse events are real: xdotool moves the pointer to the docked icon's centre (from
-`QSystemTrayIcon.geometry()`, or the pystray window's position) and clicks.
+Input is real: xdotool moves the pointer to the docked icon's centre (from
+`QSystemTrayIcon.geometry()`, or the pystray window's position), to menu items and dialog
+buttons at their global coordinates, clicks and types; a window is closed with a
+`WM_DELETE_WINDOW` message. Outcomes are checked where a person would see them: the
+menu's lines, the CA's roster and audit log, the member's error code. Screenshots go to
+the test's temporary folder; with `KOI_TRAY_UPDATE_SCREENSHOTS=1` the menu screenshot
+replaces `docs/screenshots/menu.png`.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from desktoptools import SCREENSHOTS, UPDATE_SCREENSHOTS, assert_real_png
 
 pytestmark = pytest.mark.xvfb
 
 HERE = Path(__file__).resolve().parent
-SCREENSHOTS = HERE.parents[1] / "docs" / "screenshots"
 TOOLS = ("Xvfb", "trayer", "xdotool", "import")
 TRAYER_ARGS = [
     "--edge", "top", "--align", "right", "--widthtype", "request",
@@ -140,41 +145,89 @@ def x_env(display: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def shots_dir(tmp_path: Path) -> Path:
+    """Where screenshots go: docs/screenshots only when asked to update them."""
+    return SCREENSHOTS if os.environ.get(UPDATE_SCREENSHOTS) == "1" else tmp_path / "shots"
+
+
 def drive(display: str, tmp_path: Path, scenario: str, **extra: str) -> dict:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
-        [sys.executable, str(HERE / "xvfb_driver.py"), scenario, str(tmp_path), str(SCREENSHOTS)],
+        [
+            sys.executable,
+            str(HERE / "xvfb_driver.py"),
+            scenario,
+            str(tmp_path / "work"),
+            str(shots_dir(tmp_path)),
+        ],
         env=x_env(display, tmp_path, **extra),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_qt_icon_docks_and_its_menu_works_with_real_clicks(xserver: str, tmp_path: Path) -> None:
+def assert_joins_answered_through_the_dialog(report: dict) -> None:
+    """Deny, Escape, close and timeout refuse the join; a typed name and Approve enrol it."""
+    refused = {
+        "deny": ("approval_denied", "detail=denied by the operator"),
+        "escape": ("approval_denied", "detail=the approval dialog was closed without approving"),
+        "close": ("approval_denied", "detail=the approval dialog was closed without approving"),
+        "timeout": ("approval_timeout", "enroll_approval_timeout"),
+    }
+    for case, (code, audit) in refused.items():
+        join = report[f"join_{case}"]
+        assert join["dialog_code_matches"], case
+        assert join["http_while_open"] == 200 and join["dialog_still_open"], case
+        assert join["outcome"] == code, (case, join)
+        assert join["in_roster"] == [], case
+        assert audit in join["audit"], (case, join["audit"])
+        assert join["dialog_closed"], case
+
+    approved = report["join_approve"]
+    assert approved["http_while_open"] == 200 and approved["dialog_still_open"]
+    assert approved["operator_focused"] and approved["typed"] == "Alice"
+    assert approved["approve_enabled"]
+    assert approved["outcome"] == "enrolled"
+    assert approved["in_roster"] == ["active"]
+    assert "member_joined" in approved["audit"] and "approved_by=Alice" in approved["audit"]
+    assert approved["dialog_closed"]
+
+
+def assert_renewal_lines(report: dict) -> None:
+    assert report["renewed"], "no 'Certificate renewed' after clicking Renew"
+    assert report["line_after_success"].startswith("Last renewal check: renewed at ")
+    assert report["failed"], "no 'Certificate renewal failed' with the CA locked"
+    assert report["line_after_failure"].startswith("Last renewal check: FAILED at ")
+
+
+def test_qt_tray_with_real_clicks(xserver: str, tmp_path: Path) -> None:
     report = drive(xserver, tmp_path, "qt")
 
     assert report["available"] and report["tray_shown"]
     x, y, width, height = report["geometry"]
     assert width > 0 and height > 0 and x > 1000  # docked at the top right, in trayer
     assert report["menu_visible"]
-    assert report["renew_enabled"] and report["renew_fired"]
-    assert report["menu_closed_after_click"]
+    assert_real_png(Path(report["screenshot"]), report["screenshot_size"])
+    assert report["renew_enabled"] and report["menu_closed_after_click"]
+    assert_renewal_lines(report)
+    assert_joins_answered_through_the_dialog(report)
     assert report["exit"] == 0
-    assert Path(report["screenshot"]).stat().st_size > 1000
 
 
-def test_pystray_icon_docks_and_a_left_click_reaches_the_loop(xserver: str, tmp_path: Path) -> None:
+def test_pystray_tray_with_real_clicks(xserver: str, tmp_path: Path) -> None:
     report = drive(xserver, tmp_path, "pystray", PYSTRAY_BACKEND="xorg")
 
-    assert report["available"] and report["docked"]
+    assert report["available"] and report["tray_shown"] and report["docked"]
     assert report["backend"] == "pystray._xorg"
     assert report["has_menu"] is False  # see docs/known-issues.md
     assert report["geometry"][2] > 0 and report["geometry"][0] > 1000
-    assert report["left_click_on_loop"]
-    assert report["stop_seconds"] < 4  # run_detached would leave it hanging
+    assert report["window_opened_by_left_click"]
+    assert_renewal_lines(report)
+    assert_joins_answered_through_the_dialog(report)
+    assert report["exit"] == 0
+    assert report["quit_seconds"] < 4  # run_detached would leave it hanging
 
 
 @pytest.mark.parametrize("backend", ["qt", "pystray"])
