@@ -9,7 +9,6 @@ or being decided is answered `Denied`, so shutting down never approves anything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -18,6 +17,8 @@ from koi_tray.certmesh.approval import ApprovalRequest, Decider, Decision, Denie
 log = logging.getLogger(__name__)
 
 SHUTDOWN_REASON = "the node is shutting down"
+
+Answer = asyncio.Future[Decision]
 
 
 class ApprovalPump:
@@ -76,7 +77,7 @@ class ApprovalPump:
         finally:
             await self.close()
 
-    async def _decide_one(self, request: ApprovalRequest, answer: asyncio.Future[Decision]) -> None:
+    async def _decide_one(self, request: ApprovalRequest, answer: Answer) -> None:
         decision_task = asyncio.ensure_future(self.decider(request))
         answer.add_done_callback(lambda _: decision_task.cancel())
         try:
@@ -98,8 +99,13 @@ class ApprovalPump:
         if not answer.done():
             answer.set_result(decision)
 
-    async def close(self) -> None:
-        """Deny everything pending and stop deciding. Safe to call more than once."""
+    async def close(self, grace: float = 2.0) -> None:
+        """Deny everything pending and stop deciding. Safe to call more than once.
+
+        Every waiting join is answered at once; the deciders are then cancelled and given
+        `grace` seconds to stop. One that ignores cancellation is left behind (still
+        held here) with a warning, so it cannot hold up a shutdown.
+        """
         self._closed = True
         for _, answer in list(self._pending.values()):
             if not answer.done():
@@ -111,5 +117,16 @@ class ApprovalPump:
         tasks = list(self._deciding)
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        # `wait`, not `gather`: a caller giving up on this close (the shutdown bound)
+        # is not held back by a decider that ignores being cancelled.
+        _, stuck = await asyncio.wait(tasks, timeout=grace)
+        if stuck:
+            log.warning(
+                "%d approval decider(s) did not stop within %.0f s of being cancelled (%s); "
+                "shutting down without them",
+                len(stuck),
+                grace,
+                ", ".join(sorted(task.get_name() for task in stuck)),
+            )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from koi_tray.certmesh.approval import ApprovalRequest
@@ -20,6 +20,7 @@ from koi_tray.certmesh.approval import ApprovalRequest
 log = logging.getLogger(__name__)
 
 EXPIRY_WARNING_DAYS = (30, 14, 7, 1)
+HOOK_OUTPUT_SHOWN = 200
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,32 @@ class LeafView:
 
 
 @dataclass(frozen=True)
+class HookView:
+    """The last reload hook run after a renewal: what ran, whether it worked, what it said."""
+
+    command: str
+    success: bool
+    output: str  # trimmed to HOOK_OUTPUT_SHOWN characters
+    ran_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class BundleCheck:
+    """The last trust bundle a member accepted: its seq, when, and whether it was new."""
+
+    seq: int
+    checked_at: dt.datetime
+    updated: bool
+    updated_at: dt.datetime | None  # when a bundle last brought a change
+
+
+@dataclass(frozen=True)
 class RenewalView:
-    """The renewal loop's record: what the last pass did and when the next one runs."""
+    """The renewal loop's record: what the last pass did and when the next one runs.
+
+    `loop_stopped` is set when the loop task ended on an error (it never does by design,
+    so this reads as "renewal is not running"); it is not persisted.
+    """
 
     last_check_at: dt.datetime | None = None
     last_outcome: str | None = None
@@ -43,6 +68,14 @@ class RenewalView:
     consecutive_failures: int = 0
     next_check_at: dt.datetime | None = None
     ca_reachable: bool = True
+    last_hook: HookView | None = None
+    last_bundle: BundleCheck | None = None
+    loop_stopped: bool = False
+
+    @property
+    def healthy(self) -> bool:
+        """Renewal is running and its last pass did not fail."""
+        return self.consecutive_failures == 0 and not self.loop_stopped
 
 
 @dataclass(frozen=True)
@@ -100,18 +133,36 @@ class NodeSnapshot:
 
     @property
     def health(self) -> str:
-        """One word for the icon: idle, critical, offline, attention or ok."""
+        """One word for the icon: idle, critical, offline, attention or ok.
+
+        Offline (the CA cannot be reached) is shown only while the certificate is not yet
+        due; a due certificate that cannot be renewed needs attention whatever the cause.
+        """
         if self.role == "unconfigured":
             return "idle"
         if (self.leaf is None or self.leaf.expired) or (self.bundle and self.bundle.self_revoked):
             return "critical"
-        if self.role == "member" and not self.renewal.ca_reachable:
-            return "offline"
         due = self.leaf.due_at <= self.taken_at
+        if self.role == "member" and not self.renewal.ca_reachable and not due:
+            return "offline"
         locked = self.ca is not None and self.ca.locked
-        if due or locked or self.renewal.consecutive_failures:
+        if due or locked or not self.renewal.healthy:
             return "attention"
         return "ok"
+
+    @property
+    def renewal_overdue(self) -> bool:
+        """The leaf is due, a pass has run since, and none renewed it: renewal is failing.
+
+        A leaf that merely fell due waits for its next pass (within the hour) and is not
+        overdue; neither is one whose renewal already succeeded but is not reloaded yet.
+        """
+        leaf, view = self.leaf, self.renewal
+        if leaf is None or leaf.due_at > self.taken_at or view.last_check_at is None:
+            return False
+        if view.last_renewed_at is not None and view.last_renewed_at >= leaf.due_at:
+            return False
+        return view.last_check_at >= leaf.due_at
 
     @property
     def summary(self) -> str:
@@ -129,6 +180,8 @@ class NodeSnapshot:
             parts.append(f"certificate {self.leaf.days_left} days left")
         if self.renewal.consecutive_failures:
             parts.append(f"renewal failing ({self.renewal.consecutive_failures}×)")
+        if self.renewal.loop_stopped:
+            parts.append("renewal stopped")
         if self.ca is not None and self.ca.locked:
             parts.append("CA locked")
         if self.pending:
@@ -196,24 +249,39 @@ def alerts_between(old: NodeSnapshot | None, new: NodeSnapshot) -> list[Alert]:
             Alert("revoked", "This node was revoked", "The CA revoked this node's certificate.")
         )
 
-    if new.leaf is not None and not revoked:
-        crossed = _warning_crossed(old.leaf.days_left if old and old.leaf else None, new.leaf)
-        if crossed is not None:
-            alerts.append(
-                Alert(
-                    "expiring",
-                    f"Certificate expires in {new.leaf.days_left} day(s)",
-                    f"{new.leaf.hostname}'s certificate ends on {new.leaf.not_after:%Y-%m-%d}.",
-                )
-            )
+    level = _warning_level(new)
+    if not revoked and level is not None:
+        old_level = _warning_level(old) if old is not None else None
+        if old_level is None or level < old_level:
+            alerts.append(_expiry_alert(new))
     return alerts
 
 
-def _warning_crossed(old_days: int | None, leaf: LeafView) -> int | None:
-    for threshold in EXPIRY_WARNING_DAYS:
-        if leaf.days_left <= threshold and (old_days is None or old_days > threshold):
-            return threshold
-    return None
+def _warning_level(snapshot: NodeSnapshot) -> int | None:
+    """The tightest expiry warning (30, 14, 7 or 1 days) an overdue leaf has reached.
+
+    None while renewal is on time: a routine renewal, which happens when the leaf falls
+    due (30 days before expiry by default), never warns.
+    """
+    leaf = snapshot.leaf
+    if leaf is None or not snapshot.renewal_overdue:
+        return None
+    reached = [days for days in EXPIRY_WARNING_DAYS if leaf.days_left <= days]
+    return min(reached) if reached else None
+
+
+def _expiry_alert(snapshot: NodeSnapshot) -> Alert:
+    leaf = snapshot.leaf
+    assert leaf is not None
+    ends = f"{leaf.hostname}'s certificate ends on {leaf.not_after:%Y-%m-%d}"
+    why = snapshot.renewal.last_detail or "renewal has not succeeded"
+    if leaf.expired:
+        return Alert("expiring", "Certificate has expired", f"{ends}. Last renewal: {why}.")
+    return Alert(
+        "expiring",
+        f"Certificate expires in {leaf.days_left} day(s)",
+        f"{ends} and renewal is failing: {why}.",
+    )
 
 
 class StatusStore:
@@ -253,6 +321,7 @@ class StatusStore:
 
 
 def _same_apart_from_time(a: NodeSnapshot, b: NodeSnapshot) -> bool:
-    from dataclasses import replace
-
-    return replace(a, taken_at=b.taken_at) == b
+    """Tell whether only the clock moved, and moving it changed nothing a person sees."""
+    if replace(a, taken_at=b.taken_at) != b:
+        return False
+    return a.health == b.health and _warning_level(a) == _warning_level(b)

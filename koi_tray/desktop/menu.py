@@ -19,7 +19,7 @@ import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from koi_tray.compose.status import NodeSnapshot
+from koi_tray.compose.status import HookView, NodeSnapshot
 from koi_tray.desktop.icons import IconState, badge_label
 
 INFO = "info"
@@ -206,6 +206,7 @@ _LATER_STATUS_KEYS = (
     "leaf",
     "renewal_last",
     "renewal_detail",
+    "renewal_hook",
     "renewal_next",
     "bundle",
     "members",
@@ -238,7 +239,8 @@ def _leaf_line(snapshot: NodeSnapshot) -> str:
     if leaf.expired:
         return f"Certificate for {leaf.hostname}: EXPIRED on {until}"
     days = "1 day" if leaf.days_left == 1 else f"{leaf.days_left} days"
-    return f"Certificate for {leaf.hostname}: {days} left (until {until})"
+    overdue = ", renewal OVERDUE" if snapshot.renewal_overdue else ""
+    return f"Certificate for {leaf.hostname}: {days} left (until {until}){overdue}"
 
 
 def _renewal_items(
@@ -246,7 +248,9 @@ def _renewal_items(
 ) -> tuple[MenuItem, ...]:
     view = snapshot.renewal
     shown = _in_mesh(snapshot)
-    if view.last_check_at is None:
+    if view.loop_stopped:
+        last = "Renewal STOPPED on an error: restart koi-tray (see Open log…)"
+    elif view.last_check_at is None:
         last = "Last renewal check: not yet"
     else:
         outcome = _OUTCOME_WORDS.get(view.last_outcome or "", view.last_outcome or "?")
@@ -266,8 +270,23 @@ def _renewal_items(
     return (
         MenuItem("renewal_last", last, visible=shown, tooltip=view.last_detail),
         MenuItem("renewal_detail", f"    {detail}", visible=shown and bool(detail)),
+        _hook_item(view.last_hook, now, tz, shown),
         MenuItem("renewal_next", upcoming, visible=shown),
     )
+
+
+def _hook_item(
+    hook: HookView | None, now: dt.datetime, tz: dt.tzinfo | None, shown: bool
+) -> MenuItem:
+    """The reload hook's last run, shown once one has run after a renewal."""
+    if hook is None:
+        return MenuItem("renewal_hook", visible=False)
+    when = _clock(hook.ran_at, now, tz)
+    if hook.success:
+        text = f"Reload hook: OK at {when}"
+    else:
+        text = f"Reload hook FAILED at {when}: {_shorten(hook.output or 'no output')}"
+    return MenuItem("renewal_hook", text, visible=shown, tooltip=hook.command)
 
 
 def _bundle_item(snapshot: NodeSnapshot, now: dt.datetime) -> MenuItem:

@@ -12,6 +12,7 @@ QApplication, provided to pytest-asyncio through `pytest_asyncio_loop_factories`
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
@@ -19,6 +20,7 @@ os.environ.setdefault("PYSTRAY_BACKEND", "dummy")
 
 import PySide6.QtWidgets  # noqa: E402  (after the platform is chosen, before qasync)
 import pytest  # noqa: E402
+import pytestqt.plugin  # noqa: E402
 import qasync  # noqa: E402
 
 _LOOPS: list[qasync.QEventLoop] = []
@@ -43,3 +45,29 @@ def _qasync_loop() -> qasync.QEventLoop:
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
     """Run this folder's async tests and fixtures on a qasync loop."""
     return {"qasync": _qasync_loop}
+
+
+_process_qt_events = pytestqt.plugin._process_events
+
+
+def _process_events_as_the_loop() -> None:
+    """pytest-qt's event pass between test phases, run the way the tray runs Qt events.
+
+    pytest-qt calls `QApplication.processEvents()` after each setup, call and teardown,
+    when no asyncio loop is running. qasync delivers its callbacks through Qt timers, so
+    a task woken then (a renewal pass after `create_ca`, say) would step with no running
+    loop and fail in `asyncio.get_running_loop()`. In koi-tray every Qt event is handled
+    inside the qasync loop's `run_forever`, so the pass is made to look the same.
+    """
+    loop = next((loop for loop in reversed(_LOOPS) if not loop.is_closed()), None)
+    if loop is None or asyncio._get_running_loop() is not None:
+        _process_qt_events()
+        return
+    asyncio._set_running_loop(loop)
+    try:
+        _process_qt_events()
+    finally:
+        asyncio._set_running_loop(None)
+
+
+pytestqt.plugin._process_events = _process_events_as_the_loop

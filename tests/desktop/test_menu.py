@@ -15,6 +15,7 @@ from desktoptools import (
     unconfigured_snapshot,
 )
 
+from koi_tray.compose.status import HookView
 from koi_tray.desktop import menu as m
 from koi_tray.desktop.icons import IconState
 
@@ -158,6 +159,50 @@ def test_expiring_certificate_counts_days() -> None:
     model = m.build_menu(member_snapshot(days=1))
 
     assert "1 day left" in model.find("leaf").text
+
+
+def test_a_due_certificate_that_did_not_renew_is_overdue() -> None:
+    snapshot = member_snapshot(days=20, failures=2, detail="refused")
+    last_renewed = NOW - dt.timedelta(days=70)  # the renewal that issued this leaf
+    failing = m.build_menu(
+        dataclasses.replace(
+            snapshot, renewal=dataclasses.replace(snapshot.renewal, last_renewed_at=last_renewed)
+        )
+    )
+    renewing = m.build_menu(member_snapshot(days=89))
+
+    assert failing.find("leaf").text.endswith("20 days left (until 2026-12-21), renewal OVERDUE")
+    assert "OVERDUE" not in renewing.find("leaf").text
+
+
+def test_the_reload_hook_result_is_shown_after_a_renewal() -> None:
+    def with_hook(success: bool, output: str):
+        hook = HookView("/usr/local/bin/reload-web", success, output, NOW - dt.timedelta(minutes=2))
+        snapshot = member_snapshot()
+        return dataclasses.replace(
+            snapshot, renewal=dataclasses.replace(snapshot.renewal, last_hook=hook)
+        )
+
+    quiet = m.build_menu(member_snapshot(), tz=UTC).find("renewal_hook")
+    good = m.build_menu(with_hook(True, ""), tz=UTC).find("renewal_hook")
+    bad = m.build_menu(with_hook(False, "nginx: config test failed"), tz=UTC).find("renewal_hook")
+
+    assert not quiet.visible
+    assert good.visible and good.text == "Reload hook: OK at 08:58"
+    assert bad.text == "Reload hook FAILED at 08:58: nginx: config test failed"
+    assert bad.tooltip == "/usr/local/bin/reload-web"
+
+
+def test_a_stopped_renewal_loop_says_so() -> None:
+    snapshot = member_snapshot()
+    stopped = dataclasses.replace(
+        snapshot, renewal=dataclasses.replace(snapshot.renewal, loop_stopped=True)
+    )
+
+    model = m.build_menu(stopped)
+
+    assert model.find("renewal_last").text.startswith("Renewal STOPPED on an error")
+    assert model.icon_state is IconState.ATTENTION
 
 
 def test_starting_menu_has_only_quit_and_folders() -> None:
