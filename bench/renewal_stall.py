@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _mesh import describe_ms, join_directly, percentile, start_ca  # noqa: E402
 
+from koi_tray.compose.hosts import freeze_startup_objects  # noqa: E402
+
 
 async def renew_all(roots: list[str]) -> None:
     """Child side: renew every member at once; print per-renewal latencies as JSON."""
@@ -52,6 +54,7 @@ async def main(count: int) -> None:
         root = Path(tmp)
         node = await start_ca(root)
         roots = [str(join_directly(node, root, f"node-{n:03d}").data.root) for n in range(count)]
+        freeze_startup_objects()  # as `koi-tray serve` and the tray do once the node runs
 
         lateness: list[float] = []
         stop = asyncio.Event()

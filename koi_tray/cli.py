@@ -6,8 +6,11 @@
     koi-tray certmesh create|unlock|status|invite|join|renew|revoke|...
     koi-tray autostart enable|disable|status
 
-Where a node runs for the data dir, `certmesh` commands go through its API with the
-management token; where none runs they do the work themselves under the data-dir lock.
+Where a node runs for the data dir, `certmesh` commands (create and join included) go
+through its API with the management token; where none runs they do the work themselves
+under the data-dir lock. `--hostname` names a node at create or join; afterwards the name
+the data dir records is used, and a different `--hostname` is refused. One-shot commands
+log warnings only (`-v` for more); `serve` and the tray log at INFO.
 Errors print one line (`koi-tray: error: <message> [<code>]`) and exit non-zero.
 """
 
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +32,7 @@ from typing import Any
 from koi_tray import __version__
 from koi_tray.certmesh.errors import CertmeshError
 from koi_tray.certmesh.layout import DataDir
-from koi_tray.compose.config import NodeConfig, default_data_dir, default_hostname
+from koi_tray.compose.config import NodeConfig, default_data_dir, resolve_hostname
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +49,90 @@ class CliError(Exception):
 # -- argument parsing -------------------------------------------------------------------
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (the OS picks one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return port
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """--data-dir, --hostname and -v, before the command or (suppress=True) after it.
+
+    After the command their defaults are SUPPRESS, so an option not repeated there keeps
+    the value given before the command.
+    """
+    default = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="data directory (default: per user, or $KOI_TRAY_DATA_DIR)",
+        **default,
+    )
+    parser.add_argument(
+        "--hostname",
+        metavar="NAME",
+        help="this node's name in the mesh, at create or join (default: the machine's "
+        "hostname); afterwards the data dir's recorded name is used",
+        **default,
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        help="log more: -v info, -vv debug (serve and the tray log info already)",
+        **({"default": argparse.SUPPRESS} if suppress else {"default": 0}),
+    )
+
+
 def _node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http-bind",
         default="127.0.0.1",
         metavar="ADDR",
-        help="address for the HTTP port (default 127.0.0.1; 0.0.0.0 to accept joins from the LAN)",
+        help="address for the HTTP port (default 127.0.0.1; 0.0.0.0 or :: to accept joins "
+        "from the LAN)",
     )
-    parser.add_argument("--http-port", type=int, default=5641, metavar="N")
-    parser.add_argument("--mtls-bind", default="0.0.0.0", metavar="ADDR")
-    parser.add_argument("--mtls-port", type=int, default=5642, metavar="N")
+    parser.add_argument(
+        "--http-port",
+        type=port_number,
+        default=5641,
+        metavar="N",
+        help="HTTP port: joins, status, trust bundle, management (default 5641)",
+    )
+    parser.add_argument(
+        "--mtls-bind",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="address for the CA's mTLS renewal port (default 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--mtls-port",
+        type=port_number,
+        default=5642,
+        metavar="N",
+        help="the CA's mTLS renewal port (default 5642)",
+    )
+
+
+def _tray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tray",
+        choices=("qt", "pystray"),
+        default="qt",
+        dest="backend",
+        help="tray backend (default qt)",
+    )
+    _node_options(parser)
+
+
+def _passphrase_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--passphrase-file", type=Path, metavar="FILE", help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,67 +140,85 @@ def build_parser() -> argparse.ArgumentParser:
         prog="koi-tray", description="A certmesh node (CA or member) in your system tray."
     )
     parser.add_argument("--version", action="version", version=f"koi-tray {__version__}")
-    parser.add_argument(
-        "--data-dir", type=Path, help="data directory (default: per user, or $KOI_TRAY_DATA_DIR)"
-    )
-    parser.add_argument(
-        "--hostname", help="this node's name in the mesh (default: the machine's hostname)"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    _global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command")
 
-    tray = commands.add_parser("tray", help="start the tray (the default)")
-    tray.add_argument("--tray", choices=("qt", "pystray"), default="qt", dest="backend")
-    _node_options(tray)
+    def command(group: Any, name: str, **options: Any) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, **options)
+        _global_options(sub, suppress=True)
+        return sub
 
-    serve = commands.add_parser("serve", help="run the node headless")
+    tray = command(commands, "tray", help="start the tray (the default)")
+    _tray_options(tray)
+
+    serve = command(commands, "serve", help="run the node headless")
     serve.add_argument(
         "--approval",
         choices=("console", "deny"),
         help="who decides joins that need approval (default: console on a "
         "terminal, deny otherwise)",
     )
-    serve.add_argument("--passphrase-file", type=Path, help="unlock the CA at start")
+    _passphrase_option(serve, "unlock the CA at start with the first line of FILE")
     _node_options(serve)
 
-    certmesh = commands.add_parser("certmesh", help="administer the mesh").add_subparsers(
+    certmesh = command(commands, "certmesh", help="administer the mesh").add_subparsers(
         dest="action", required=True
     )
-    create = certmesh.add_parser("create", help="create a CA on this node")
-    create.add_argument("--preset", choices=("just-me", "team", "organization"), default="just-me")
+    create = command(certmesh, "create", help="create a CA on this node")
+    create.add_argument(
+        "--preset",
+        choices=("just-me", "team", "organization"),
+        default="just-me",
+        help="enrollment, approval and auto-unlock defaults (default just-me)",
+    )
     create.add_argument("--operator", help="operator name (required when joins need approval)")
-    create.add_argument("--enrollment", choices=("open", "closed"))
-    create.add_argument("--approval", choices=("required", "none"))
-    create.add_argument("--passphrase-file", type=Path)
-    unlock = certmesh.add_parser("unlock", help="unlock the running CA")
-    unlock.add_argument("--passphrase-file", type=Path)
-    status = certmesh.add_parser("status", help="show this node's status")
-    status.add_argument("--json", action="store_true")
-    invite = certmesh.add_parser("invite", help="make a one-time invite for a host")
-    invite.add_argument("host")
-    invite.add_argument("--ttl", type=int, default=60, metavar="MINUTES")
-    invite.add_argument("--json", action="store_true")
-    join = certmesh.add_parser("join", help="join a mesh")
+    create.add_argument("--enrollment", choices=("open", "closed"), help="override the preset")
+    create.add_argument("--approval", choices=("required", "none"), help="override the preset")
+    _passphrase_option(create, "read the new CA passphrase from FILE instead of asking")
+    unlock = command(certmesh, "unlock", help="unlock the running CA")
+    _passphrase_option(unlock, "read the passphrase from FILE instead of asking")
+    status = command(certmesh, "status", help="show this node's status")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    invite = command(certmesh, "invite", help="make a one-time invite for a host")
+    invite.add_argument("host", help="hostname the invite is for")
+    invite.add_argument(
+        "--ttl", type=int, default=60, metavar="MINUTES", help="validity (default 60)"
+    )
+    invite.add_argument("--json", action="store_true", help="print JSON")
+    join = command(certmesh, "join", help="join a mesh")
     join.add_argument("endpoint", help="the CA's HTTP endpoint, e.g. http://ca-host:5641")
-    join.add_argument("--invite", required=True, metavar="CODE")
-    join.add_argument("--json", action="store_true")
-    renew = certmesh.add_parser("renew", help="run a renewal check now")
+    join.add_argument(
+        "--invite", required=True, metavar="CODE", help="the code 'certmesh invite' printed"
+    )
+    join.add_argument("--json", action="store_true", help="print JSON")
+    renew = command(certmesh, "renew", help="run a renewal check now")
     renew.add_argument("--force", action="store_true", help="renew even if not due")
-    renew.add_argument("--json", action="store_true")
-    renew.add_argument("--passphrase-file", type=Path, help="unlock a locked CA for this renewal")
-    revoke = certmesh.add_parser("revoke", help="revoke a member for good")
-    revoke.add_argument("host")
-    revoke.add_argument("--reason")
-    revoke.add_argument("--operator")
-    certmesh.add_parser("open-enrollment", help="let invited hosts join")
-    certmesh.add_parser("close-enrollment", help="refuse every join")
-    hook = certmesh.add_parser("set-hook", help="command to run after each renewal")
-    hook.add_argument("--reload", required=True, metavar="CMD")
+    renew.add_argument("--json", action="store_true", help="print JSON")
+    _passphrase_option(renew, "unlock a locked CA for this renewal")
+    revoke = command(certmesh, "revoke", help="revoke a member for good")
+    revoke.add_argument("host", help="the member to revoke")
+    revoke.add_argument("--reason", help="recorded in the roster and the audit log")
+    revoke.add_argument("--operator", help="who revokes (recorded)")
+    command(certmesh, "open-enrollment", help="let invited hosts join")
+    command(certmesh, "close-enrollment", help="refuse every join")
+    hook = command(
+        certmesh,
+        "set-hook",
+        help="command a member runs after each renewal (not on the CA's own host)",
+    )
+    hook.add_argument(
+        "--reload", required=True, metavar="CMD", help="absolute path and arguments, no shell"
+    )
     hook.add_argument("--host", help="member to set it for (default: this node)")
-    certmesh.add_parser("log", help="print the audit log")
+    command(certmesh, "log", help="print the audit log")
 
-    autostart = commands.add_parser("autostart", help="start koi-tray at login")
+    autostart = command(
+        commands,
+        "autostart",
+        help="start the tray at login, with the tray options given here (as the menu does)",
+    )
     autostart.add_argument("action", choices=("enable", "disable", "status"))
+    _tray_options(autostart)
     return parser
 
 
@@ -132,9 +229,14 @@ def read_passphrase(path: Path | None, confirm: bool = False) -> str:
     """Read a passphrase from a file (first line) or a prompt without echo."""
     if path is not None:
         try:
-            return path.read_text("utf-8").splitlines()[0]
-        except (OSError, IndexError) as exc:
+            lines = path.read_text("utf-8").splitlines()
+        except (OSError, UnicodeError) as exc:
             raise CliError(f"cannot read a passphrase from {path}: {exc}") from exc
+        if not lines or not lines[0]:
+            raise CliError(
+                f"the passphrase file {path} is empty (its first line is the passphrase)"
+            )
+        return lines[0]
     if not sys.stdin.isatty():
         raise CliError("no terminal to ask for the passphrase; use --passphrase-file")
     first = getpass.getpass("CA passphrase: ")
@@ -144,9 +246,15 @@ def read_passphrase(path: Path | None, confirm: bool = False) -> str:
 
 
 def node_config(args: argparse.Namespace, host_kind: str) -> NodeConfig:
+    """The node's configuration; its hostname is the one the data dir records, if any.
+
+    Raises:
+        Conflict: `--hostname` differs from the name the data dir records.
+    """
+    data_dir = args.data_dir or default_data_dir()
     return NodeConfig(
-        data_dir=args.data_dir or default_data_dir(),
-        hostname=args.hostname or default_hostname(),
+        data_dir=data_dir,
+        hostname=resolve_hostname(data_dir, args.hostname),
         http_bind=getattr(args, "http_bind", "127.0.0.1"),
         http_port=getattr(args, "http_port", 5641),
         mtls_bind=getattr(args, "mtls_bind", "0.0.0.0"),
@@ -159,9 +267,16 @@ def emit(value: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]],
     print(json.dumps(value, indent=2) if as_json else human(value))
 
 
-def configure_logging(verbose: bool) -> None:
+def log_level(verbose: int, long_running: bool) -> int:
+    """WARNING for one-shot commands, INFO for serve and the tray; each -v one step more."""
+    levels = [logging.WARNING, logging.INFO, logging.DEBUG]
+    return levels[min(len(levels) - 1, verbose + (1 if long_running else 0))]
+
+
+def configure_logging(level: int) -> None:
+    """Log to stderr at `level` (one-shot commands and serve; the tray sets up its own)."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -209,8 +324,12 @@ def _human_status(status: dict[str, Any]) -> str:
             f" next check {renewal['next_check_at']}"
         )
     bundle = node.get("bundle")
-    if bundle:
-        lines.append(f"  trust bundle: seq {bundle['seq']} at {bundle['received_at']}")
+    if bundle and node["role"] == "ca":
+        lines.append(f"  trust bundle: published here, seq {bundle['seq']}")
+    elif bundle and bundle.get("received_at"):
+        lines.append(f"  trust bundle: seq {bundle['seq']}, received {bundle['received_at']}")
+    elif bundle:
+        lines.append("  trust bundle: none received yet")
     ca = node.get("ca")
     if ca:
         posture = "open" if ca["enrollment_open"] else "closed"
@@ -233,13 +352,24 @@ def _human_invite(minted: dict[str, Any]) -> str:
     return f"{minted['token']}\n(for {minted['hostname']}, valid until {minted['expires_at']})"
 
 
+def _hook_failed(result: dict[str, Any]) -> bool:
+    hook = result.get("hook")
+    return isinstance(hook, dict) and not hook.get("success", False)
+
+
 def _human_pass(result: dict[str, Any]) -> str:
     outcome = result["outcome"]
     if outcome == "renewed":
         text = f"renewed; the certificate now expires {result['expires']}"
-        if "hook" in result:
+        if _hook_failed(result):
             hook = result["hook"]
-            text += f"\nreload hook {'succeeded' if hook['success'] else 'FAILED'}"
+            output = f": {hook['output']}" if hook.get("output") else ""
+            text += (
+                f"\nbut the reload hook FAILED ({hook.get('command')}){output}; the new "
+                "certificate is installed, reload the service by hand"
+            )
+        elif "hook" in result:
+            text += "\nreload hook succeeded"
         return text
     if outcome == "not_due":
         return f"not due; renewal is due at {result.get('due_at')}"
@@ -248,7 +378,8 @@ def _human_pass(result: dict[str, Any]) -> str:
 
 def _finish_pass(args: argparse.Namespace, result: dict[str, Any]) -> int:
     emit(result, args.json, _human_pass)
-    return EXIT_ERROR if result["outcome"] in ("failed", "revoked") else 0
+    failed = result["outcome"] in ("failed", "revoked") or _hook_failed(result)
+    return EXIT_ERROR if failed else 0
 
 
 def _show_code(code: str) -> None:
@@ -259,9 +390,38 @@ def _show_code(code: str) -> None:
     )
 
 
+def _posture_flags(args: argparse.Namespace) -> dict[str, bool | None]:
+    """`--enrollment` and `--approval` as posture overrides (None: the preset decides)."""
+    return {
+        "enrollment_open": None if args.enrollment is None else args.enrollment == "open",
+        "requires_approval": None if args.approval is None else args.approval == "required",
+    }
+
+
+def _report_created(hostname: str, fingerprint: str, auto_unlock_problem: str | None) -> None:
+    """Say what `certmesh create` made, the same whether a node or this process made it."""
+    print(f"created the mesh CA on {hostname}")
+    print(f"CA fingerprint: {fingerprint}")
+    if auto_unlock_problem:
+        print(
+            f"note: auto-unlock is not available: {auto_unlock_problem}; the CA "
+            "will start locked and ask for its passphrase"
+        )
+
+
+def _report_joined(args: argparse.Namespace, joined: dict[str, Any]) -> None:
+    """Say what `certmesh join` did (the confirmation code went to stderr before)."""
+    emit(
+        joined,
+        args.json,
+        lambda v: f"joined as {v['hostname']}; certificate expires {v['expires']}",
+    )
+
+
 async def certmesh_via_node(args: argparse.Namespace, data: DataDir) -> int:
     """Send the command to the node that holds this data dir."""
     from koi_tray.api.manage import ManagementClient
+    from koi_tray.compose import actions
 
     client = ManagementClient(data)
     action = args.action
@@ -269,6 +429,21 @@ async def certmesh_via_node(args: argparse.Namespace, data: DataDir) -> int:
         node = await client.call("GET", "node-status")
         koi = await client.call("GET", "status")
         emit({**koi, "node": node}, args.json, _human_status)
+    elif action == "create":
+        actions.ensure_unconfigured(data)
+        body = {
+            "passphrase": read_passphrase(args.passphrase_file, confirm=True),
+            "preset": args.preset,
+            "operator": args.operator,
+            "hostname": args.hostname,
+            **_posture_flags(args),
+        }
+        made = await client.call("POST", "create", body, timeout=180)
+        _report_created(made["hostname"], made["ca_fingerprint"], made["auto_unlock_problem"])
+    elif action == "join":
+        actions.ensure_unconfigured(data)
+        joined = await client.join(args.endpoint, args.invite, args.hostname, _show_code)
+        _report_joined(args, joined)
     elif action == "invite":
         body = {"hostname": args.host, "ttl_mins": args.ttl}
         emit(await client.call("POST", "invite", body), args.json, _human_invite)
@@ -289,11 +464,9 @@ async def certmesh_via_node(args: argparse.Namespace, data: DataDir) -> int:
     elif action == "set-hook":
         host = args.host or (await client.call("GET", "node-status"))["hostname"]
         await client.call("PUT", "set-hook", {"hostname": host, "reload": args.reload})
-        print("reload hook set")
+        print(f"reload hook set for {host}")
     elif action == "log":
         print((await client.call("GET", "log"))["entries"], end="")
-    else:
-        raise CliError(f"'certmesh {action}' needs the node for {data.root} to be stopped first")
     return 0
 
 
@@ -330,11 +503,7 @@ class DirectCommands:
         from koi_tray.compose import actions
 
         args = self.args
-        posture = actions.posture_for(
-            args.preset,
-            enrollment_open=None if args.enrollment is None else args.enrollment == "open",
-            requires_approval=None if args.approval is None else args.approval == "required",
-        )
+        posture = actions.posture_for(args.preset, **_posture_flags(args))
         actions.ensure_unconfigured(self.data)
         passphrase = read_passphrase(args.passphrase_file, confirm=True)
         ca = await asyncio.to_thread(
@@ -346,13 +515,7 @@ class DirectCommands:
             args.operator,
             self.clock,
         )
-        print(f"created the mesh CA on {self.config.hostname}")
-        print(f"CA fingerprint: {ca.ca_fingerprint}")
-        if ca.auto_unlock_problem:
-            print(
-                f"note: auto-unlock is not available: {ca.auto_unlock_problem}; the CA "
-                "will start locked and ask for its passphrase"
-            )
+        _report_created(ca.hostname, ca.ca_fingerprint, ca.auto_unlock_problem)
 
     async def do_status(self) -> None:
         node = await self.open_node()
@@ -379,6 +542,7 @@ class DirectCommands:
         emit(value, self.args.json, _human_invite)
 
     async def do_join(self) -> None:
+        from koi_tray.api.server import membership_summary
         from koi_tray.compose import actions
 
         membership = await actions.join_mesh(
@@ -389,17 +553,7 @@ class DirectCommands:
             self.clock,
             _show_code,
         )
-        leaf = membership.leaf()
-        value = {
-            "hostname": membership.state.hostname,
-            "ca_fingerprint": membership.state.ca_fingerprint,
-            "expires": leaf.cert.not_valid_after_utc.isoformat() if leaf else None,
-        }
-        emit(
-            value,
-            self.args.json,
-            lambda v: f"joined as {v['hostname']}; certificate expires {v['expires']}",
-        )
+        _report_joined(self.args, membership_summary(membership))
 
     async def do_revoke(self) -> None:
         self.open_ca().revoke(self.args.host, self.args.reason, self.args.operator)
@@ -414,15 +568,10 @@ class DirectCommands:
         print("enrollment is closed")
 
     async def do_set_hook(self) -> None:
-        from koi_tray.certmesh.member import Membership
-
-        membership = Membership.load(self.data, self.clock)
-        own = membership is not None and self.args.host in (None, membership.state.hostname)
-        if own:
-            membership.set_reload_hook(self.args.reload)
-        else:
-            self.open_ca().set_hook(self.args.host or self.config.hostname, self.args.reload)
-        print("reload hook set")
+        node = await self.open_node()
+        host = self.args.host or node.config.hostname
+        await node.set_hook(host, self.args.reload)
+        print(f"reload hook set for {host}")
 
     async def do_log(self) -> None:
         path = self.data.audit_log
@@ -453,15 +602,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_autostart(args: argparse.Namespace) -> int:
     from koi_tray.autostart import AutostartError, autostart_for_platform
+    from koi_tray.desktop.app import autostart_data_dir, login_arguments
 
-    autostart = autostart_for_platform()
+    config = node_config(args, "tray")
+    data_dir = autostart_data_dir(config.data_dir)
+    extra = login_arguments(config, args.backend)
     try:
+        autostart = autostart_for_platform()
         if args.action == "enable":
-            status = autostart.enable(args.data_dir)
+            status = autostart.enable(data_dir, extra)
         elif args.action == "disable":
             status = autostart.disable()
         else:
-            status = autostart.status(args.data_dir)
+            status = autostart.status(data_dir, extra)
     except AutostartError as exc:
         raise CliError(str(exc)) from exc
     words = {
@@ -472,36 +625,69 @@ def run_autostart(args: argparse.Namespace) -> int:
     print(f"start at login: {words.get(status.state, status.state)} ({status.location})")
     if status.command:
         print(f"command: {status.command}")
-    if status.stale:
-        print("the command is stale (the program moved); 'koi-tray autostart enable' repairs it")
+    if status.stale and status.moved:
+        print("the entry's program no longer exists; 'koi-tray autostart enable' repairs it")
+    elif status.stale:
+        print("the entry starts koi-tray with other options than these; 'enable' rewrites it")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run_tray(args: argparse.Namespace, argv: list[str]) -> int:
+    """The tray. It sets up its own log (file, and the terminal when there is one)."""
+    from koi_tray.desktop.app import run_tray
+
+    if args.command is None:
+        args = build_parser().parse_args([*argv, "tray"])
+    level = log_level(args.verbose, long_running=True)
+    return run_tray(node_config(args, "tray"), args.backend, level)
+
+
+def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command in (None, "tray"):
-        from koi_tray.desktop.app import run_tray
+        return _run_tray(args, argv)
+    if args.command == "serve":
+        return run_serve(args)
+    if args.command == "autostart":
+        return run_autostart(args)
+    return asyncio.run(run_certmesh(args))
 
-        if args.command is None:
-            args = build_parser().parse_args([*(argv or sys.argv[1:]), "tray"])
-        return run_tray(node_config(args, "tray"), args.backend)
 
-    configure_logging(args.verbose)
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the exit flush stays silent."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `koi-tray` command; return its exit status."""
+    argv = argv if argv is not None else sys.argv[1:]
+    args = build_parser().parse_args(argv)
+    if args.command not in (None, "tray"):
+        configure_logging(log_level(args.verbose, long_running=args.command == "serve"))
     try:
-        if args.command == "serve":
-            return run_serve(args)
-        if args.command == "autostart":
-            return run_autostart(args)
-        return asyncio.run(run_certmesh(args))
+        status = _run_command(args, argv)
+        sys.stdout.flush()
+        return status
     except (CertmeshError, CliError) as exc:
         code = getattr(exc, "code", None)
         suffix = f" [{code}]" if code else ""
         print(f"koi-tray: error: {exc}{suffix}", file=sys.stderr)
         log.debug("command failed", exc_info=True)
         return EXIT_ERROR
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("koi-tray: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        print(
+            f"koi-tray: error: unexpected {exc!r}; run with -vv for details [internal]",
+            file=sys.stderr,
+        )
+        log.debug("command failed unexpectedly", exc_info=True)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

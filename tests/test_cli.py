@@ -116,10 +116,17 @@ def cert_fingerprint(path: Path) -> str:
 class Served:
     """One `koi-tray serve` process for a data dir, on free loopback ports."""
 
-    def __init__(self, data: Path, hostname: str, passphrase_file: Path | None) -> None:
+    def __init__(
+        self,
+        data: Path,
+        hostname: str | None,
+        passphrase_file: Path | None,
+        http_bind: str | None = None,
+    ) -> None:
         self.data = data
         self.hostname = hostname
         self.passphrase_file = passphrase_file
+        self.http_bind = http_bind
         self.log_path = data.parent / f"{data.name}-serve-{time.monotonic_ns()}.log"
         self.process: subprocess.Popen | None = None
         self.http_port = 0
@@ -133,14 +140,18 @@ class Served:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, expect_mtls: bool) -> Served:
-        """Start serving and wait until the HTTP port answers (and mTLS, for a CA)."""
-        self.http_port, self.mtls_port = free_port(), free_port()
+        """Start serving and wait until the HTTP port answers (and mTLS, for a CA).
+
+        A restart (`stop`, then `start` again) keeps the ports, as members know them.
+        """
+        if not self.http_port:
+            self.http_port, self.mtls_port = free_port(), free_port()
+        naming = ["--hostname", self.hostname] if self.hostname else []
         argv = [
             *KOI,
             "--data-dir",
             str(self.data),
-            "--hostname",
-            self.hostname,
+            *naming,
             "serve",
             "--http-port",
             str(self.http_port),
@@ -153,7 +164,9 @@ class Served:
         ]
         if self.passphrase_file is not None:
             argv += ["--passphrase-file", str(self.passphrase_file)]
-        with self.log_path.open("wb") as log:
+        if self.http_bind is not None:
+            argv += ["--http-bind", self.http_bind]
+        with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=cli_env()
             )
@@ -168,7 +181,7 @@ class Served:
             crumb = json.loads((self.data / "node.json").read_text())
             if crumb.get("pid") != self.process.pid:
                 return False
-            status, body = get_json(f"{self.url}/v1/certmesh/status", timeout=1.0)
+            status, body = get_json(f"{crumb['http']}/v1/certmesh/status", timeout=1.0)
         except (OSError, ValueError):
             return False
         if status != 200:
@@ -197,9 +210,13 @@ def serve() -> Iterator[Callable[..., Served]]:
     started: list[Served] = []
 
     def start(
-        data: Path, hostname: str, passphrase_file: Path | None = None, expect_mtls: bool = False
+        data: Path,
+        hostname: str | None,
+        passphrase_file: Path | None = None,
+        expect_mtls: bool = False,
+        http_bind: str | None = None,
     ) -> Served:
-        node = Served(data, hostname, passphrase_file)
+        node = Served(data, hostname, passphrase_file, http_bind)
         started.append(node)
         return node.start(expect_mtls)
 
@@ -346,6 +363,18 @@ def test_mesh_across_processes_join_renew_revoke(
         assert node["health"] == "critical"
 
     assert_revoked(as_json(koi(member, "certmesh", "status", "--json", hostname="node-02")))
+
+    # The CA restarted (same ports, a new process) still refuses the revoked member.
+    assert ca.stop() == 0
+    ca.start(expect_mtls=True)
+    status, body = mtls_post(ca.mtls_port, leaf_dir, "renew", {"hostname": "node-02", "csr": csr})
+    assert (status, body["error"]) == (403, "revoked")
+    again = koi(member, "certmesh", "renew", "--force", "--json")
+    assert again.returncode != 0
+    assert json.loads(again.stdout)["outcome"] == "revoked"
+    assert cert_fingerprint(leaf_dir / "cert.pem") == renewed_fp
+    roster = {m["hostname"]: m for m in get_json(f"{ca.url}/v1/certmesh/status")[1]["members"]}
+    assert roster["node-02"]["status"] == "revoked"
 
     # A member node restarted twice (new processes) still knows, also through its API.
     for _ in range(2):
@@ -507,3 +536,250 @@ def test_join_writes_files_a_koi_member_expects(
     ca_der = x509.load_pem_x509_certificate(ca_pem).public_bytes(Encoding.DER)
     assert state["ca_fingerprint"] == hashlib.sha256(ca_der).hexdigest()
     assert state["hostname"] == "node-02" and state["ca_host"] == "127.0.0.1"
+
+
+def primaries(data: Path) -> list[str]:
+    roster = json.loads((data / "certmesh" / "roster.json").read_text())
+    return [m["hostname"] for m in roster["members"] if m["role"] == "primary"]
+
+
+def test_the_data_dir_keeps_the_name_given_at_create_and_join(
+    tmp_path: Path, ca_dir: Path, passphrase_file: Path, serve: Callable[..., Served]
+) -> None:
+    renewed = as_json(
+        koi(
+            ca_dir,
+            "certmesh",
+            "renew",
+            "--force",
+            "--json",
+            "--passphrase-file",
+            str(passphrase_file),
+        )
+    )
+    assert renewed["outcome"] == "renewed"
+    assert primaries(ca_dir) == ["ca-host"]
+    assert sorted(p.name for p in (ca_dir / "certs").iterdir()) == ["ca-host"]
+    assert as_json(koi(ca_dir, "certmesh", "status", "--json"))["node"]["hostname"] == "ca-host"
+    conflicting = koi(ca_dir, "certmesh", "status", hostname="other-host")
+    assert error_code(conflicting) == "conflict"
+    assert "ca-host" in conflicting.stderr
+
+    ca = serve(ca_dir, None, passphrase_file, expect_mtls=True)
+    assert json.loads((ca_dir / "node.json").read_text())["hostname"] == "ca-host"
+    member = tmp_path / "b"
+    ok(join(member, "node-02", ca, invite(ca_dir, "node-02")["token"]))
+
+    doc = as_json(koi(member, "certmesh", "status", "--json"))
+    assert doc["node"]["hostname"] == "node-02" and doc["node"]["role"] == "member"
+    assert (
+        "reload hook set for node-02"
+        in ok(koi(member, "certmesh", "set-hook", "--reload", "/bin/true")).stdout
+    )
+    running = serve(member, None)
+    doc = as_json(koi(member, "certmesh", "status", "--json"))
+    assert doc["node"]["hostname"] == "node-02"
+    ok(koi(member, "certmesh", "set-hook", "--reload", "/usr/bin/true"))
+    assert running.stop() == 0
+    state = json.loads((member / "certmesh" / "member.json").read_text())
+    assert state["reload_hook"] == "/usr/bin/true"
+    assert primaries(ca_dir) == ["ca-host"]
+
+
+def test_create_and_join_through_running_nodes(
+    tmp_path: Path, passphrase_file: Path, serve: Callable[..., Served]
+) -> None:
+    ca_dir, member = tmp_path / "a", tmp_path / "b"
+    ca = serve(ca_dir, None)
+    created = koi(
+        ca_dir,
+        "certmesh",
+        "create",
+        "--hostname",
+        "ca-host",
+        "--passphrase-file",
+        str(passphrase_file),
+    )
+    assert "created the mesh CA on ca-host" in ok(created).stdout
+    wait_for(lambda: ca._ready(expect_mtls=True), "the node's mTLS port")
+    doc = as_json(koi(ca_dir, "certmesh", "status", "--json"))
+    assert doc["node"]["role"] == "ca" and doc["node"]["hostname"] == "ca-host"
+    assert doc["mtls_port"] == ca.mtls_port
+    with socket.create_connection(("127.0.0.1", ca.mtls_port), timeout=5) as raw:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(ca_dir / "certmesh/ca/ca-cert.pem"))
+        with context.wrap_socket(raw, server_hostname="ca-host") as tls:
+            peer = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+    assert pki.leaf_common_name(peer) == "ca-host"
+    again = koi(ca_dir, "certmesh", "create", "--passphrase-file", str(passphrase_file))
+    assert error_code(again) == "conflict"
+
+    running = serve(member, None)
+    code = invite(ca_dir, "node-02")["token"]
+    joined = koi(member, "certmesh", "join", ca.url, "--invite", code, "--hostname", "node-02")
+    assert re.search(r"confirmation code: \d{3} \d{3}", ok(joined).stderr)
+    assert "joined as node-02" in joined.stdout
+    doc = as_json(koi(member, "certmesh", "status", "--json"))
+    assert doc["node"]["role"] == "member" and doc["node"]["hostname"] == "node-02"
+    assert json.loads((member / "node.json").read_text())["hostname"] == "node-02"
+    renewed = as_json(koi(member, "certmesh", "renew", "--force", "--json"))
+    assert renewed["outcome"] == "renewed"
+    assert running.stop() == 0
+    assert primaries(ca_dir) == ["ca-host"]
+
+
+def test_join_through_a_node_reports_the_cas_refusal(
+    tmp_path: Path, ca_dir: Path, passphrase_file: Path, serve: Callable[..., Served]
+) -> None:
+    ca = serve_ca(serve, ca_dir, passphrase_file)
+    member = tmp_path / "b"
+    serve(member, None)
+    forged = f"{'0' * 48}.{get_json(f'{ca.url}/v1/certmesh/status')[1]['ca_fingerprint']}"
+    refused = koi(member, "certmesh", "join", ca.url, "--invite", forged, hostname="node-02")
+    assert error_code(refused) == "invalid_auth"
+    assert "confirmation code:" in refused.stderr
+    assert not (member / "certmesh" / "member.json").exists()
+    doc = as_json(koi(member, "certmesh", "status", "--json"))
+    assert doc["node"]["role"] == "unconfigured"
+
+
+def test_serve_with_a_wrong_passphrase_cleans_up(
+    tmp_path: Path, ca_dir: Path, passphrase_file: Path, serve: Callable[..., Served]
+) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    ports = ["--http-port", str(free_port()), "--mtls-port", str(free_port())]
+    result = koi(ca_dir, "serve", *ports, "--approval", "deny", "--passphrase-file", str(wrong))
+    assert error_code(result) == "invalid_auth"
+    assert not (ca_dir / "node.json").exists()
+    assert not (ca_dir / "node.token").exists()
+    serve_ca(serve, ca_dir, passphrase_file)  # the lock was released
+
+
+def test_node_files_are_owner_only_and_http_binds_loopback(
+    tmp_path: Path, ca_dir: Path, passphrase_file: Path, serve: Callable[..., Served]
+) -> None:
+    ca = serve_ca(serve, ca_dir, passphrase_file)
+    for name in ("node.json", "node.token"):
+        assert (ca_dir / name).stat().st_mode & 0o777 == 0o600, name
+    assert json.loads((ca_dir / "node.json").read_text())["http"] == ca.url
+    assert get_json(f"{ca.url}/v1/certmesh/status")[0] == 200
+    with pytest.raises(OSError):  # 127.0.0.2 is loopback too, but not the bound address
+        socket.create_connection(("127.0.0.2", ca.http_port), timeout=2).close()
+    assert ca.stop() == 0
+
+    wide = serve(tmp_path / "c", "node-03", http_bind="0.0.0.0")
+    assert json.loads((wide.data / "node.json").read_text())["http"] == wide.url
+    assert get_json(f"http://127.0.0.2:{wide.http_port}/v1/certmesh/status")[0] == 200
+    assert as_json(koi(wide.data, "certmesh", "status", "--json"))["node"]["role"] == (
+        "unconfigured"
+    )
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_http_bind_ipv6_wildcard_keeps_the_cli_working(
+    tmp_path: Path, serve: Callable[..., Served]
+) -> None:
+    node = serve(tmp_path / "v6", "node-06", http_bind="::")
+    crumb = json.loads((node.data / "node.json").read_text())
+    assert crumb["http"] == f"http://[::1]:{node.http_port}"
+    assert as_json(koi(node.data, "certmesh", "status", "--json"))["node"]["hostname"] == (
+        "node-06"
+    )
+
+
+def test_bad_input_gets_one_line(
+    tmp_path: Path, ca_dir: Path, passphrase_file: Path, serve: Callable[..., Served]
+) -> None:
+    data = tmp_path / "x"
+    for port in ("70000", "-1", "http"):
+        result = koi(data, "serve", "--http-port", port)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "is not a port number (0 to 65535)" in result.stderr.splitlines()[-1]
+
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    result = koi(data, "certmesh", "create", "--passphrase-file", str(empty))
+    assert error_code(result) == "usage" and "is empty" in result.stderr
+
+    # One-shot commands print only their answer; -v adds the log lines.
+    renew = ["certmesh", "renew", "--force", "--passphrase-file", str(passphrase_file)]
+    assert " INFO " not in ok(koi(ca_dir, *renew)).stderr
+    assert " INFO koi_tray.certmesh.ca: issued " in ok(koi(ca_dir, *renew, "-v")).stderr
+
+    ca = serve_ca(serve, ca_dir, passphrase_file)
+    garbage = join(data, "node-02", ca, "garbage")
+    assert error_code(garbage) == "invalid_auth"
+    assert "not an invite code" in garbage.stderr
+    shouted = join(data, "node-02", ca, invite(ca_dir, "node-02")["token"].upper())
+    assert as_json(shouted)["hostname"] == "node-02"
+
+    quiet = ok(koi(ca_dir, "certmesh", "status"))
+    assert quiet.stderr == ""
+    assert "trust bundle: published here, seq" in quiet.stdout
+
+    mine = koi(ca_dir, "certmesh", "set-hook", "--reload", "/bin/true")
+    assert error_code(mine) == "invalid_payload" and "own host" in mine.stderr
+
+
+def test_output_to_a_closed_pipe_exits_quietly(ca_dir: Path) -> None:
+    process = subprocess.Popen(
+        [*KOI, "--data-dir", str(ca_dir), "certmesh", "log"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # like `| head` that already exited
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) != 0
+    assert stderr == ""
+
+
+def test_a_failing_reload_hook_fails_the_command_but_keeps_the_renewal(
+    tmp_path: Path, ca_dir: Path, passphrase_file: Path, serve: Callable[..., Served]
+) -> None:
+    ca = serve_ca(serve, ca_dir, passphrase_file)
+    member = tmp_path / "b"
+    ok(join(member, "node-02", ca, invite(ca_dir, "node-02")["token"]))
+    ok(koi(member, "certmesh", "set-hook", "--reload", "/bin/false"))
+    before = cert_fingerprint(member / "certs/node-02/cert.pem")
+
+    result = koi(member, "certmesh", "renew", "--force")
+    assert result.returncode == 1
+    assert "renewed" in result.stdout and "reload hook FAILED" in result.stdout
+    assert cert_fingerprint(member / "certs/node-02/cert.pem") != before
+
+
+def test_autostart_from_the_cli_carries_the_tray_options(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    home = tmp_path / "home"
+    env = {**cli_env(), "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+    env["XDG_DATA_HOME"] = str(home / ".local" / "share")
+
+    def autostart(*args: str) -> subprocess.CompletedProcess:
+        argv = [*KOI, "--data-dir", str(data), "autostart", *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        return ok(done)
+
+    enabled = autostart("enable", "--http-bind", "0.0.0.0")
+    entry = home / ".config" / "autostart" / "koi-tray.desktop"
+    exec_line = next(line for line in entry.read_text().splitlines() if line.startswith("Exec="))
+
+    assert "start at login: enabled" in enabled.stdout
+    assert f'--data-dir "{data}" tray --http-bind 0.0.0.0' in exec_line
+    same = autostart("status", "--http-bind", "0.0.0.0")
+    assert "enabled" in same.stdout and "other options" not in same.stdout
+    assert "other options" in autostart("status").stdout
+    assert "disabled" in autostart("disable").stdout
+    assert not entry.exists()

@@ -14,7 +14,9 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -29,7 +31,6 @@ from koi_tray.certmesh.errors import (
     RenewalFailed,
     error_from_code,
 )
-from koi_tray.certmesh.invites import split_code
 from koi_tray.certmesh.leafstore import LeafStore
 from koi_tray.certmesh.member import DEFAULT_HTTP_PORT, DEFAULT_MTLS_PORT, Membership, MemberState
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 30.0
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 JOIN_TIMEOUT = 330.0
+INVITE_SHAPE = re.compile(r"[0-9a-f]{48}\.[0-9a-f]{64}")
 
 
 class CaUnreachable(RenewalFailed):
@@ -131,6 +133,78 @@ async def fetch_json(
         raise CaUnreachable(f"no answer from {url}: {exc or type(exc).__name__}") from exc
 
 
+async def fetch_json_lines(
+    method: str,
+    url: str,
+    on_line: Callable[[dict[str, Any]], None],
+    *,
+    body: object = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = REQUEST_TIMEOUT,
+) -> dict[str, Any]:
+    """Make one request answered with NDJSON; pass each line on, return the last one.
+
+    A line `{"error": code, "message": text}` is raised as that typed error, as is a
+    non-200 answer's JSON error body.
+
+    Raises:
+        CaUnreachable: No answer, or the connection broke before the last line.
+        CertmeshError: The peer's own error, or a malformed answer.
+    """
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    last: dict[str, Any] | None = None
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=client_timeout) as session,
+            session.request(method, url, json=body, headers=headers) as response,
+        ):
+            if response.status != 200:
+                return await _json_answer(response)
+            async for raw in response.content:
+                last = _json_line(raw)
+                if last is not None:
+                    on_line(last)
+    except CertmeshError:
+        raise
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise CaUnreachable(f"no answer from {url}: {exc or type(exc).__name__}") from exc
+    if last is None:
+        raise CaUnreachable(f"{url} closed the connection without an answer")
+    return last
+
+
+def _json_line(raw: bytes) -> dict[str, Any] | None:
+    if not raw.strip():
+        return None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeError, ValueError) as exc:
+        raise RenewalFailed("the node's answer is not JSON lines") from exc
+    if not isinstance(value, dict):
+        raise RenewalFailed("the node's answer is not JSON lines")
+    if isinstance(value.get("error"), str):
+        raise error_from_code(value["error"], str(value.get("message", "")))
+    return value
+
+
+def parse_invite(code: str) -> tuple[str, str]:
+    """Split a full invite code, `<48 hex secret>.<64 hex CA fingerprint>`, lowercased.
+
+    Raises:
+        InvalidAuth: Not that shape (a secret without its pin included).
+    """
+    text = code.strip().lower()
+    if INVITE_SHAPE.fullmatch(text):
+        secret, _, pin = text.partition(".")
+        return secret, pin
+    if re.fullmatch(r"[0-9a-f]{48}", text):
+        raise InvalidAuth("the invite has no CA fingerprint; ask the CA for the full invite code")
+    raise InvalidAuth(
+        "not an invite code: expected 48 hex digits, a dot and the CA's 64-hex fingerprint, "
+        "as 'koi-tray certmesh invite' prints it"
+    )
+
+
 class CaLink(Protocol):
     """What a member's renewal needs from its CA."""
 
@@ -199,12 +273,11 @@ async def prepare_join(endpoint: Endpoint, invite_code: str, hostname: str) -> J
     """Check the CA against the invite's pin, then make this host's key and CSR.
 
     Raises:
-        InvalidAuth: The invite carries no pin, or the CA's fingerprint differs from it.
+        InvalidAuth: The invite is malformed or carries no pin, or the CA's fingerprint
+            differs from the pin.
         CaUnreachable: The CA did not answer the preflight.
     """
-    secret, pin = split_code(invite_code)
-    if pin is None:
-        raise InvalidAuth("the invite has no CA fingerprint; ask the CA for a full invite code")
+    secret, pin = parse_invite(invite_code)
     status = await fetch_json("GET", f"{endpoint.url}/v1/certmesh/status")
     advertised = str(status.get("ca_fingerprint", ""))
     if not hmac.compare_digest(advertised.encode(), pin.encode()):

@@ -8,11 +8,12 @@ through the node instead of touching files the node owns.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from koi_tray.api.client import fetch_json
+from koi_tray.api.client import JOIN_TIMEOUT, fetch_json, fetch_json_lines
 from koi_tray.api.server import PREFIX, TOKEN_HEADER
-from koi_tray.certmesh.errors import StorageError
+from koi_tray.certmesh.errors import RenewalFailed, StorageError
 from koi_tray.certmesh.layout import DataDir
 
 
@@ -41,3 +42,29 @@ class ManagementClient:
         return await fetch_json(
             method, f"{self.base}/{route}", body=body, headers=headers, timeout=timeout
         )
+
+    async def join(
+        self, endpoint: str, invite: str, hostname: str | None, on_code: Callable[[str], None]
+    ) -> dict[str, Any]:
+        """Have the node join the mesh at `endpoint`; `on_code` gets the code first.
+
+        Raises:
+            CertmeshError: The node's or the CA's refusal, or CaUnreachable.
+        """
+        body = {"endpoint": endpoint, "invite": invite, "hostname": hostname}
+
+        def on_line(line: dict[str, Any]) -> None:
+            if isinstance(line.get("confirmation_code"), str):
+                on_code(line["confirmation_code"])
+
+        last = await fetch_json_lines(
+            "POST",
+            f"{self.base}/local-join",
+            on_line,
+            body=body,
+            headers={TOKEN_HEADER: self.token},
+            timeout=JOIN_TIMEOUT + 30,
+        )
+        if not isinstance(last.get("joined"), dict):
+            raise RenewalFailed("the node ended the join without saying how it went")
+        return last["joined"]

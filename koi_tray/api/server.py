@@ -1,7 +1,9 @@
 """The node's two listeners: Koi's HTTP routes and the mTLS renewal port.
 
 The HTTP app carries `/v1/certmesh/*`: `join`, `status` and `trust-bundle` answer anyone;
-every other route needs the `x-koi-token` header. The mTLS app carries `renew` and
+every other route needs the `x-koi-token` header. `create` and `local-join` (koi-tray's
+own) turn an unconfigured node into a CA or a member; they carry a passphrase or an
+invite, so they also refuse callers from other machines. The mTLS app carries `renew` and
 `health`; its TLS layer admits only client certificates chained to the mesh CA, and each
 handler takes the caller's identity (CN and leaf fingerprint) from the handshake.
 
@@ -11,10 +13,14 @@ in the loop's executor, so status and bundle requests are answered meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hmac
+import ipaddress
+import json
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +31,9 @@ from cryptography import x509
 from koi_tray.api.errors import Handler, json_errors, read_json_object
 from koi_tray.certmesh import pki
 from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest, JoinResult, require_ca
-from koi_tray.certmesh.enrollment import run_in_thread
-from koi_tray.certmesh.errors import InvalidPayload, PayloadTooLarge, Unauthorized
+from koi_tray.certmesh.enrollment import run_commit, run_in_thread
+from koi_tray.certmesh.errors import CertmeshError, InvalidPayload, PayloadTooLarge, Unauthorized
+from koi_tray.certmesh.member import Membership
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,44 @@ class NodeService(Protocol):
 
     def audit_text(self) -> str: ...
 
+    async def create_ca(
+        self,
+        passphrase: str,
+        preset: str,
+        operator: str | None,
+        *,
+        hostname: str | None = None,
+        **overrides: bool | None,
+    ) -> CertificateAuthority: ...
+
+    async def join_mesh(
+        self,
+        endpoint: str,
+        invite: str,
+        on_code: Callable[[str], None],
+        *,
+        hostname: str | None = None,
+    ) -> Membership: ...
+
+
+def is_same_machine(peer: str | None, local: str | None) -> bool:
+    """Whether a caller's address is this machine: loopback, or the listener's address."""
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback) or peer == local
+
+
+def _require_local(request: web.Request) -> None:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    local = sockname[0] if sockname else None
+    if not is_same_machine(request.remote, local):
+        raise Unauthorized("this route answers only programs on the node's own machine")
+
 
 def _require_token(request: web.Request, token: str) -> None:
     given = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "replace")
@@ -71,6 +116,46 @@ def _string(body: dict[str, object], key: str, required: bool = True) -> str | N
     if not isinstance(value, str):
         raise InvalidPayload(f"{key!r} must be a string")
     return value
+
+
+def _flag(body: dict[str, object], key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidPayload(f"{key!r} must be true or false")
+    return value
+
+
+def membership_summary(membership: Membership) -> dict[str, Any]:
+    """What `certmesh join` reports: the name joined as, the CA pin, the leaf's expiry."""
+    leaf = membership.leaf()
+    return {
+        "hostname": membership.state.hostname,
+        "ca_fingerprint": membership.state.ca_fingerprint,
+        "expires": leaf.cert.not_valid_after_utc.isoformat() if leaf else None,
+    }
+
+
+def _ndjson(value: dict[str, Any]) -> bytes:
+    return json.dumps(value).encode() + b"\n"
+
+
+async def _stream_join(
+    request: web.Request, joining: asyncio.Future[Membership], code: str
+) -> web.StreamResponse:
+    """Answer a local join as two NDJSON lines: the code at once, then the outcome."""
+    response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+    await response.prepare(request)
+    await response.write(_ndjson({"confirmation_code": code}))
+    try:
+        line = {"joined": membership_summary(await joining)}
+    except CertmeshError as exc:
+        line = {"error": exc.code, "message": str(exc)}
+    except Exception:
+        log.exception("local join raised unexpectedly")
+        line = {"error": "internal", "message": "internal error; the node's log has details"}
+    await response.write(_ndjson(line))
+    await response.write_eof()
+    return response
 
 
 @web.middleware
@@ -185,6 +270,54 @@ def build_http_app(node: NodeService) -> web.Application:
             raise InvalidPayload("'force' must be true or false")
         return web.json_response(await node.renew_now(force))
 
+    @routes.post(f"{PREFIX}/create")
+    async def create(request: web.Request) -> web.Response:
+        _require_token(request, node.token)
+        _require_local(request)
+        body = await read_json_object(request)
+        ca = await node.create_ca(
+            _string(body, "passphrase") or "",
+            _string(body, "preset", required=False) or "just-me",
+            _string(body, "operator", required=False),
+            hostname=_string(body, "hostname", required=False),
+            enrollment_open=_flag(body, "enrollment_open"),
+            requires_approval=_flag(body, "requires_approval"),
+        )
+        return web.json_response(
+            {
+                "ca_fingerprint": ca.ca_fingerprint,
+                "hostname": ca.hostname,
+                "auto_unlock_problem": ca.auto_unlock_problem,
+            }
+        )
+
+    @routes.post(f"{PREFIX}/local-join")
+    async def local_join(request: web.Request) -> web.StreamResponse:
+        _require_token(request, node.token)
+        _require_local(request)
+        body = await read_json_object(request)
+        endpoint = _string(body, "endpoint") or ""
+        invite = _string(body, "invite") or ""
+        hostname = _string(body, "hostname", required=False)
+        code_seen: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_code(code: str) -> None:
+            if not code_seen.done():
+                code_seen.set_result(code)
+
+        joining = asyncio.ensure_future(
+            node.join_mesh(endpoint, invite, on_code, hostname=hostname)
+        )
+        try:
+            await asyncio.wait({joining, code_seen}, return_when=asyncio.FIRST_COMPLETED)
+            if not code_seen.done():
+                await joining  # refused before a code existed: a plain JSON error
+                raise InvalidPayload("the join finished without a confirmation code")
+            return await _stream_join(request, joining, code_seen.result())
+        finally:
+            code_seen.cancel()
+            joining.cancel()
+
     @routes.get(f"{PREFIX}/log")
     async def audit_log(request: web.Request) -> web.Response:
         _require_token(request, node.token)
@@ -221,7 +354,9 @@ def build_mtls_app(node: NodeService) -> web.Application:
         peer = peer_identity(request)
         body = await read_json_object(request)
         ca = require_ca(node.ca)
-        result = await run_in_thread(
+        # On the one commit thread, like a join's signing: a burst of renewals then holds
+        # one worker thread, not six, so the loop wins the GIL back quickly between them.
+        result = await run_commit(
             ca.renew_member,
             peer.common_name,
             peer.fingerprint,

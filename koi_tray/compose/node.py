@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -38,14 +39,14 @@ from koi_tray.certmesh.ca import (
 )
 from koi_tray.certmesh.clock import Clock, SystemClock
 from koi_tray.certmesh.enrollment import enroll, run_in_thread
-from koi_tray.certmesh.errors import CertmeshError, NotFound
+from koi_tray.certmesh.errors import CertmeshError, InvalidPayload, NotFound
 from koi_tray.certmesh.files import PRIVATE_FILE, atomic_write, atomic_write_json
 from koi_tray.certmesh.hostnames import same_host
 from koi_tray.certmesh.layout import DataDir
 from koi_tray.certmesh.leafstore import FULLCHAIN, KEY
 from koi_tray.certmesh.member import Membership, due_at
 from koi_tray.compose import actions
-from koi_tray.compose.config import NodeConfig
+from koi_tray.compose.config import NodeConfig, recorded_hostname
 from koi_tray.compose.lock import DataDirLock
 from koi_tray.compose.pump import ApprovalPump
 from koi_tray.compose.renewal import PassResult, RenewalLoop, RenewalRecord, ca_pass, member_pass
@@ -61,12 +62,27 @@ from koi_tray.compose.status import (
 
 log = logging.getLogger(__name__)
 
+LISTENER_CLOSE_TIMEOUT = 1.0
+"""How long `shutdown` waits for each listener it closes after its own bound ran out."""
+
 LinkFactory = Callable[[Membership], CaLink]
 
 
 class ShuttingDown(CertmeshError):
     code = "shutting_down"
     http_status = 503
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a process on this machine dials to reach a listener bound to `host`.
+
+    A wildcard bind is reached on loopback of the same family; IPv6 literals are bracketed.
+    """
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class Node:
@@ -142,6 +158,7 @@ class Node:
         self.status.refresh()
 
     async def _load_role(self) -> None:
+        self._adopt_hostname(await run_in_thread(recorded_hostname, self.data.root))
         self.ca = await run_in_thread(
             lambda: CertificateAuthority.open(self.data, self.config.hostname, clock=self.clock)
         )
@@ -150,6 +167,18 @@ class Node:
         else:
             self.membership = await run_in_thread(Membership.load, self.data, self.clock)
         await self._reload_leaf()
+
+    def _adopt_hostname(self, recorded: str | None) -> None:
+        """Use the name the data dir records; the configured one only names a new node."""
+        if recorded is None or recorded == self.config.hostname:
+            return
+        log.info(
+            "%s records this node as %s; using that name, not %s",
+            self.data.root,
+            recorded,
+            self.config.hostname,
+        )
+        self.config = dataclasses.replace(self.config, hostname=recorded)
 
     async def _write_token(self) -> None:
         self.token = secrets.token_urlsafe(32)
@@ -161,7 +190,7 @@ class Node:
             "pid": os.getpid(),
             "hostname": self.config.hostname,
             "host_kind": self.config.host_kind,
-            "http": f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}",
+            "http": local_url(host, port),
             "mtls_port": self._addresses.get("mtls", (None, None))[1],
             "started_at": self.clock.now().isoformat(),
         }
@@ -196,7 +225,7 @@ class Node:
         site = web.TCPSite(runner, bind, port, ssl_context=ssl_context)
         try:
             await site.start()
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:  # OverflowError: a port above 65535
             await runner.cleanup()
             raise CertmeshError(f"cannot listen on {bind}:{port} for {name}: {exc}") from exc
         self._runners[name] = runner
@@ -226,7 +255,13 @@ class Node:
             await self._write_breadcrumb()
 
     async def shutdown(self) -> None:
-        """Stop in stages; idempotent, and bounded by `config.shutdown_timeout`."""
+        """Stop in stages; idempotent, and bounded by `config.shutdown_timeout`.
+
+        Stages: stop taking joins and deny every pending approval, cancel the background
+        tasks, close the listeners, wait for the tasks. Past the bound, listeners the
+        stages did not reach are still closed (at most `LISTENER_CLOSE_TIMEOUT` each)
+        and the data dir is released.
+        """
         if self._stopping:
             if self._stopped is not None:
                 await asyncio.shield(self._stopped)
@@ -237,9 +272,10 @@ class Node:
             await asyncio.wait_for(self._stop_stages(), self.config.shutdown_timeout)
         except TimeoutError:
             log.error(
-                "shutdown took longer than %.0f s; giving up on the rest",
+                "shutdown took longer than %.0f s; closing the listeners and giving up on the rest",
                 self.config.shutdown_timeout,
             )
+            await self._close_listeners_now()
         finally:
             self._release_files()
             if self._stopped is not None and not self._stopped.done():
@@ -255,6 +291,19 @@ class Node:
         waiting = [*self._tasks.values(), *self._chores]
         if waiting:
             await asyncio.wait(waiting)
+
+    async def _close_listeners_now(self) -> None:
+        """Close the listeners the timed-out stages did not reach, each within 1 s.
+
+        A stage that hangs (a decider ignoring cancellation, say) must not leave the ports
+        open after `shutdown` returns: an embedding program would still take joins.
+        """
+        for name, runner in list(self._runners.items()):
+            try:
+                await asyncio.wait_for(runner.cleanup(), LISTENER_CLOSE_TIMEOUT)
+            except Exception as exc:
+                log.warning("closing the %s listener failed: %r", name, exc)
+            del self._runners[name]
 
     def _release_files(self) -> None:
         if self._lock.held:
@@ -318,6 +367,17 @@ class Node:
         return result.to_json()
 
     async def set_hook(self, hostname: object, command: object) -> dict[str, Any]:
+        """Store a member's reload hook (this member's own, or one in the CA's roster).
+
+        Raises:
+            InvalidPayload: `hostname` is the CA node itself, whose renewals run no hook.
+            NotFound: Neither this member nor a member of this CA.
+        """
+        if self.ca is not None and same_host(str(hostname), self.ca.hostname):
+            raise InvalidPayload(
+                f"{hostname} is this CA's own host, and the CA runs no reload hook after "
+                "renewing its own certificate; set hooks for members"
+            )
         membership = self.membership
         if membership is not None and same_host(str(hostname), membership.state.hostname):
             await run_in_thread(membership.set_reload_hook, command)
@@ -336,30 +396,69 @@ class Node:
     # -- actions the tray and the CLI ask a running node for --------------------------------
 
     async def create_ca(
-        self, passphrase: str, preset: str, operator: str | None, **overrides: bool | None
-    ) -> None:
+        self,
+        passphrase: str,
+        preset: str,
+        operator: str | None,
+        *,
+        hostname: str | None = None,
+        **overrides: bool | None,
+    ) -> CertificateAuthority:
+        """Make this unconfigured node the mesh CA, and start its mTLS listener.
+
+        Args:
+            hostname: The CA node's name; None keeps the configured one.
+
+        Raises:
+            Conflict: This node already is a CA or a member.
+            InvalidPayload: Unknown preset, weak passphrase, bad hostname, or approval
+                required without an operator.
+        """
         posture = actions.posture_for(preset, **overrides)
+        name = hostname or self.config.hostname
         self.ca = await run_in_thread(
             actions.create_ca,
             self.data,
-            self.config.hostname,
+            name,
             passphrase,
             posture,
             operator,
             self.clock,
             self.kdf,
         )
+        self._adopt_hostname(name)
         await self._ensure_mtls()
         self.renewal.wake()
         self.status.refresh()
+        return self.ca
 
-    async def join_mesh(self, endpoint: str, invite: str, on_code: Callable[[str], None]) -> None:
+    async def join_mesh(
+        self,
+        endpoint: str,
+        invite: str,
+        on_code: Callable[[str], None],
+        *,
+        hostname: str | None = None,
+    ) -> Membership:
+        """Join the mesh at `endpoint` as `hostname` (None: the configured name).
+
+        `on_code` receives the confirmation code before the join is sent.
+
+        Raises:
+            Conflict: This node already is a CA or a member.
+            CertmeshError: The CA's refusal, or CaUnreachable.
+        """
+        name = hostname or self.config.hostname
         self.membership = await actions.join_mesh(
-            self.data, self.config.hostname, endpoint, invite, self.clock, on_code
+            self.data, name, endpoint, invite, self.clock, on_code
         )
+        self._adopt_hostname(self.membership.state.hostname)
         await self._reload_leaf()
+        if self.data.breadcrumb.exists() and "http" in self._addresses:
+            await self._write_breadcrumb()
         self.renewal.wake()
         self.status.refresh()
+        return self.membership
 
     # -- renewal plumbing ---------------------------------------------------------------------
 
@@ -508,8 +607,8 @@ class Node:
             else:
                 rungs.append(Capability(name, "stopped", name == "mtls" and self.ca is None))
         view = self.renewal.record.view
-        renewal_ok = view.consecutive_failures == 0
-        rungs.append(Capability("renewal", view.last_outcome or "not run yet", renewal_ok))
+        summary = "stopped" if view.loop_stopped else (view.last_outcome or "not run yet")
+        rungs.append(Capability("renewal", summary, view.healthy))
         rungs.append(Capability("approvals", f"{len(self.pump.pending)} pending", True))
         return tuple(rungs)
 

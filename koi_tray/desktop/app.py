@@ -59,12 +59,13 @@ NO_DESKTOP = (
 _X11_PLATFORMS = ("linux", "freebsd", "openbsd", "netbsd", "dragonfly")
 
 
-def run_tray(config: NodeConfig, backend: str = "qt") -> int:
+def run_tray(config: NodeConfig, backend: str = "qt", level: int = logging.INFO) -> int:
     """Run koi-tray in the system tray until Quit or a signal; return the exit code.
 
     Args:
         config: The node's configuration (its `host_kind` becomes "tray").
         backend: "qt" (QSystemTrayIcon) or "pystray".
+        level: The log level, for the log file and the terminal.
 
     Returns:
         0 after a normal quit, 1 when the node could not start (another koi-tray runs
@@ -72,7 +73,7 @@ def run_tray(config: NodeConfig, backend: str = "qt") -> int:
         unexpected error (its traceback is in the log file).
     """
     started = time.monotonic()
-    log_path = logs.setup_logging()
+    log_path = logs.setup_logging(level=level)
     try:
         return _run(dataclasses.replace(config, host_kind="tray"), backend, log_path, started)
     except Exception as exc:
@@ -146,6 +147,9 @@ async def _main(controller: TrayController, config: NodeConfig, board: ApprovalB
             controller.close_now()
             return _refuse(f"koi-tray cannot start: {exc}")
         controller.attach(node)
+        from koi_tray.compose.hosts import freeze_startup_objects  # imported with the node
+
+        freeze_startup_objects()
         return await controller.wait_closed()
     finally:
         remove_handlers()

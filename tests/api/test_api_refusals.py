@@ -62,6 +62,8 @@ HTTP_BODY_ROUTES = [
     ("PUT", "set-hook"),
     ("POST", "unlock"),
     ("POST", "renew-now"),
+    ("POST", "create"),
+    ("POST", "local-join"),
 ]
 MTLS_ROUTES = [("POST", "renew"), ("POST", "health")]
 MEMBER_BODY_ROUTES = [("PUT", "set-hook"), ("POST", "renew-now")]
@@ -75,6 +77,8 @@ TOKEN_ROUTES = [
     ("GET", "log", None),
     ("GET", "node-status", None),
     ("POST", "renew-now", {"force": True}),
+    ("POST", "create", {"passphrase": PASSPHRASE}),
+    ("POST", "local-join", {"endpoint": "http://127.0.0.1:9", "invite": "x"}),
 ]
 
 
@@ -205,7 +209,7 @@ async def test_malformed_and_oversized_bodies(nodes: Nodes) -> None:
         url = nodes.http(route, member)
         await check.expect(413, "payload_too_large", method, url, OVERSIZED, token=member.token)
     check.check()
-    assert check.count == (8 + 2 + 2) * len(MALFORMED) + 12 + 2 + 2
+    assert check.count == (10 + 2 + 2) * len(MALFORMED) + 14 + 2 + 2
 
 
 @pytest.mark.asyncio
@@ -251,6 +255,16 @@ async def test_wrong_types_and_impossible_values(nodes: Nodes) -> None:
         (400, bad, "POST", "unlock", body()),
         (400, bad, "POST", "renew-now", body(force="true")),
         (400, bad, "POST", "renew-now", body(force=1)),
+        (400, bad, "PUT", "set-hook", body(hostname="ca-host", reload="/bin/true")),
+        (400, bad, "POST", "create", body(passphrase=42)),
+        (400, bad, "POST", "create", body(passphrase=PASSPHRASE, preset=5)),
+        (400, bad, "POST", "create", body(passphrase=PASSPHRASE, enrollment_open="yes")),
+        (400, bad, "POST", "create", body(passphrase=PASSPHRASE, preset="everyone")),
+        (409, "conflict", "POST", "create", body(passphrase=PASSPHRASE)),
+        (400, bad, "POST", "local-join", body(endpoint=42, invite=code)),
+        (400, bad, "POST", "local-join", body(endpoint="http://127.0.0.1:9")),
+        (400, bad, "POST", "local-join", body(endpoint="x", invite=code, hostname=7)),
+        (409, "conflict", "POST", "local-join", body(endpoint="http://127.0.0.1:9", invite=code)),
     ]
     for status, error, method, route, data in http_cases:
         await check.expect(status, error, method, nodes.http(route), data, token=ca.token)
@@ -274,6 +288,8 @@ async def test_wrong_types_and_impossible_values(nodes: Nodes) -> None:
         (400, bad, "PUT", "set-hook", body(hostname="node-05", reload="relative")),
         (404, "not_found", "PUT", "set-hook", body(hostname=42, reload="/bin/true")),
         (400, bad, "POST", "renew-now", body(force="yes")),
+        (409, "conflict", "POST", "create", body(passphrase=PASSPHRASE)),
+        (409, "conflict", "POST", "local-join", body(endpoint="http://127.0.0.1:9", invite=code)),
     ]
     for status, error, method, route, data in member_cases:
         url = nodes.http(route, member)

@@ -278,9 +278,9 @@ async def test_preflight_refuses_a_ca_other_than_the_pin(ca: Node, tmp_path: Pat
     endpoint = http_base(ca).rsplit("/v1/", 1)[0]
     before = snapshot(tmp_path / "ca")
     member = tmp_path / "member"
-    for wrong_pin in ("ab" * 32, pin.upper(), pin[:-1]):
+    for wrong_pin, why in (("ab" * 32, "nothing was sent"), (pin[:-1], "not an invite code")):
         shown: list[str] = []
-        with pytest.raises(InvalidAuth, match="nothing was sent"):
+        with pytest.raises(InvalidAuth, match=why):
             await actions.join_mesh(
                 DataDir(member),
                 "node-02",
@@ -294,8 +294,10 @@ async def test_preflight_refuses_a_ca_other_than_the_pin(ca: Node, tmp_path: Pat
     assert not (member / "certmesh" / "member.json").exists()
     assert not (member / "certs" / "node-02").exists()
 
-    # The same invite, with its real pin, still works: the CA never saw the others.
-    await actions.join_mesh(DataDir(member), "node-02", endpoint, code, SystemClock(), print)
+    # The same invite, with its real pin (in capitals, as a person may retype it), still
+    # works: the CA never saw the others.
+    shouted = f"{secret}.{pin.upper()}"
+    await actions.join_mesh(DataDir(member), "node-02", endpoint, shouted, SystemClock(), print)
     assert ca.ca.roster.find("node-02") is not None
 
 
