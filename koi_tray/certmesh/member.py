@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,9 @@ class Membership:
         self.state = state
         self.clock = clock
         self.leaf_store = LeafStore(data.certs, state.hostname)
+        # Changes to `state` are read-modify-write from worker threads (a bundle pull, a
+        # new reload hook); one lock keeps either from undoing the other.
+        self._state_lock = threading.RLock()
 
     @classmethod
     def load(cls, data: DataDir, clock: Clock) -> Membership | None:
@@ -258,12 +262,14 @@ class Membership:
         return self.leaf_store.read()
 
     def save(self, state: MemberState) -> None:
-        save_member_state(self.data.member_state, state)
-        self.state = state
+        with self._state_lock:
+            save_member_state(self.data.member_state, state)
+            self.state = state
 
     def set_reload_hook(self, command: str | None) -> None:
         hook = None if command is None else validate_reload_hook(command)
-        self.save(replace(self.state, reload_hook=hook))
+        with self._state_lock:
+            self.save(replace(self.state, reload_hook=hook))
 
     def accept_bundle(self, signed: object) -> BundleChange:
         """Verify a pulled bundle, fold it in and save; refresh `ca.pem` if it drifted.
@@ -271,12 +277,14 @@ class Membership:
         Raises:
             BundleRejected: Nothing changes on disk.
         """
-        verified = verify_bundle(signed, self.state.ca_fingerprint, self.state.last_bundle_seq)
-        change = apply_bundle(self.state, verified, self.clock.now())
-        if change.updated or self._bundle_time_is_stale(change.state):
-            self.save(change.state)
-        else:
-            self.state = change.state
+        with self._state_lock:
+            state = self.state
+            verified = verify_bundle(signed, state.ca_fingerprint, state.last_bundle_seq)
+            change = apply_bundle(state, verified, self.clock.now())
+            if change.updated or self._bundle_time_is_stale(change.state):
+                self.save(change.state)
+            else:
+                self.state = change.state
         if self.leaf_store.write_ca(pki.load_cert_pem(verified.ca_cert_pem)):
             log.warning(
                 "ca.pem of %s differed from the CA's bundle; rewrote it", self.state.hostname
