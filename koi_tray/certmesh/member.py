@@ -271,6 +271,11 @@ class Membership:
         with self._state_lock:
             self.save(replace(self.state, reload_hook=hook))
 
+    def mark_revoked(self) -> None:
+        """Record that the CA refused this node as revoked (kept across restarts)."""
+        with self._state_lock:
+            self.save(replace(self.state, self_revoked=True))
+
     def accept_bundle(self, signed: object) -> BundleChange:
         """Verify a pulled bundle, fold it in and save; refresh `ca.pem` if it drifted.
 

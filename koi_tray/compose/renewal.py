@@ -355,7 +355,7 @@ async def _renew(
     except CaUnreachable as exc:
         return bundle.result(now, "failed", f"CA unreachable: {exc}", reachable=False)
     except Revoked as exc:
-        await run_in_thread(membership.save, replace(membership.state, self_revoked=True))
+        await run_in_thread(membership.mark_revoked)
         return bundle.result(now, "revoked", str(exc))
     except CertmeshError as exc:
         return bundle.result(now, "failed", f"renewal refused: {exc}")
