@@ -31,7 +31,7 @@ from cryptography import x509
 from koi_tray.api.errors import Handler, json_errors, read_json_object
 from koi_tray.certmesh import pki
 from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest, JoinResult, require_ca
-from koi_tray.certmesh.enrollment import run_commit, run_in_thread
+from koi_tray.certmesh.enrollment import run_in_thread
 from koi_tray.certmesh.errors import CertmeshError, InvalidPayload, PayloadTooLarge, Unauthorized
 from koi_tray.certmesh.member import Membership
 
@@ -354,9 +354,7 @@ def build_mtls_app(node: NodeService) -> web.Application:
         peer = peer_identity(request)
         body = await read_json_object(request)
         ca = require_ca(node.ca)
-        # On the one commit thread, like a join's signing: a burst of renewals then holds
-        # one worker thread, not six, so the loop wins the GIL back quickly between them.
-        result = await run_commit(
+        result = await run_in_thread(
             ca.renew_member,
             peer.common_name,
             peer.fingerprint,

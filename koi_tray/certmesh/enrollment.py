@@ -33,12 +33,11 @@ async def run_in_thread(func: Callable[..., T], *args: Any) -> T:
 
 
 async def run_commit(func: Callable[..., T], *args: Any) -> T:
-    """Run a roster change (a join's signing and commit, a renewal) on the one commit thread.
+    """Run a roster commit on the one commit thread.
 
-    Changes serialise on the CA's roster lock anyway; giving them their own thread keeps
+    Commits serialise on the CA's roster lock anyway; giving them their own thread keeps
     them from filling the default executor, where new joins run their checks, so a burst
-    of commits does not delay the next join's approval request. One thread also keeps a
-    burst of CPU-bound signing from crowding the event loop out of the GIL.
+    of commits does not delay the next join's approval request.
     """
     return await asyncio.get_running_loop().run_in_executor(_COMMITS, func, *args)
 
