@@ -122,10 +122,19 @@ def read_json(path: Path) -> Any:
 
 
 def preserve_corrupt_copy(path: Path, stamp: str) -> Path | None:
-    """Copy a damaged state file aside (`<name>.corrupt-<stamp>`) before anyone touches it."""
+    """Copy a damaged state file aside (`<name>.corrupt-<stamp>`) before anyone touches it.
+
+    A copy already holding the same bytes is kept instead of making another, so a node
+    that is started again and again on the same damage leaves one copy, not one a second.
+    """
     if not path.exists():
         return None
+    damaged = path.read_bytes()
+    for earlier in sorted(path.parent.glob(f"{path.name}.corrupt-*")):
+        with contextlib.suppress(OSError):
+            if earlier.read_bytes() == damaged:
+                return earlier
     copy = path.with_name(f"{path.name}.corrupt-{stamp}")
     if not copy.exists():
-        write_new_file(copy, path.read_bytes(), PRIVATE_FILE)
+        write_new_file(copy, damaged, PRIVATE_FILE)
     return copy

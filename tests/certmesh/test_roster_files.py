@@ -181,3 +181,22 @@ def test_atomic_write_into_a_missing_directory_is_a_storage_error(tmp_path: Path
     with pytest.raises(StorageError, match="cannot write"):
         files.atomic_write(tmp_path / "absent" / "state.json", b"{}")
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_damaged_file_is_copied_aside_once_per_damage(tmp_path: Path):
+    state = tmp_path / "member.json"
+    state.write_bytes(b'{"hostname": "node-02", trunc')
+
+    first = files.preserve_corrupt_copy(state, "20261204T010000Z")
+    again = files.preserve_corrupt_copy(state, "20261204T010001Z")
+    state.write_bytes(b"\x00\x00")
+    other = files.preserve_corrupt_copy(state, "20261204T010002Z")
+
+    assert first == again, "a second start on the same damage made another copy"
+    assert first.read_bytes() == b'{"hostname": "node-02", trunc'
+    assert other != first and other.read_bytes() == b"\x00\x00"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "member.json",
+        "member.json.corrupt-20261204T010000Z",
+        "member.json.corrupt-20261204T010002Z",
+    ]
