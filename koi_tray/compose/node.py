@@ -124,6 +124,7 @@ class Node:
         self._member_rows: tuple[object, tuple[MemberRow, ...]] = (None, ())
         self._stopping = False
         self._stopped: asyncio.Future[None] | None = None
+        self._role_change = asyncio.Lock()  # one create or join at a time
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -416,16 +417,17 @@ class Node:
         """
         posture = actions.posture_for(preset, **overrides)
         name = hostname or self.config.hostname
-        self.ca = await run_in_thread(
-            actions.create_ca,
-            self.data,
-            name,
-            passphrase,
-            posture,
-            operator,
-            self.clock,
-            self.kdf,
-        )
+        async with self._role_change:
+            self.ca = await run_in_thread(
+                actions.create_ca,
+                self.data,
+                name,
+                passphrase,
+                posture,
+                operator,
+                self.clock,
+                self.kdf,
+            )
         self._adopt_hostname(name)
         await self._ensure_mtls()
         self.renewal.wake()
@@ -449,9 +451,10 @@ class Node:
             CertmeshError: The CA's refusal, or CaUnreachable.
         """
         name = hostname or self.config.hostname
-        self.membership = await actions.join_mesh(
-            self.data, name, endpoint, invite, self.clock, on_code
-        )
+        async with self._role_change:
+            self.membership = await actions.join_mesh(
+                self.data, name, endpoint, invite, self.clock, on_code
+            )
         self._adopt_hostname(self.membership.state.hostname)
         await self._reload_leaf()
         if self.data.breadcrumb.exists() and "http" in self._addresses:

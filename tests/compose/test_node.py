@@ -308,3 +308,27 @@ async def test_a_joiner_hanging_up_cancels_its_approval_and_keeps_the_invite(tmp
     assert ca_node.ca.roster.find("node-02") is None
     assert ca_node.ca.invites.reserve(invite.code, "node-02")
     await ca_node.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_node_takes_one_role_when_asked_twice_at_once(tmp_path):
+    ca_node = await make_ca_node(tmp_path, deny_and_log_decider(), preset="just-me")
+    node = Node(config_for(tmp_path, "node-02"), deny_and_log_decider(), kdf=keystore.FAST_TEST_KDF)
+    await node.start()
+    invite = ca_node.ca.mint_invite("node-02")
+    url = f"http://127.0.0.1:{ca_node.address('http')[1]}"
+    try:
+        outcomes = await asyncio.gather(
+            node.create_ca("correct horse battery", "just-me", "Alice"),
+            node.join_mesh(url, invite.code, lambda code: None),
+            return_exceptions=True,
+        )
+
+        refused = [o for o in outcomes if isinstance(o, Exception)]
+        assert len(refused) == 1 and getattr(refused[0], "code", None) == "conflict", outcomes
+        assert node.role == "ca"
+        assert not node.data.member_state.exists(), "a CA's data dir also became a member"
+        assert not ca_node.ca.roster.is_enrolled("node-02")
+    finally:
+        await node.shutdown()
+        await ca_node.shutdown()

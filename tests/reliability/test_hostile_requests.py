@@ -74,6 +74,8 @@ HTTP_ROUTES = {
     "log": ("GET", True),
     "node-status": ("GET", True),
     "renew-now": ("POST", True),
+    "create": ("POST", True),
+    "local-join": ("POST", True),
 }
 MTLS_ROUTES = {"renew": "POST", "health": "POST"}
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -304,6 +306,27 @@ RIGHT_TOKEN_BODIES = {
     ),
     "renew-now": st.fixed_dictionaries(
         {}, optional={"force": JUNK.filter(lambda v: v is not True)}
+    ),
+    # The node under test is a CA already: a create or a local join is refused whatever
+    # it says. The only endpoint offered is a closed port on loopback.
+    "create": st.fixed_dictionaries(
+        {},
+        optional={
+            "passphrase": st.one_of(JUNK, st.text(min_size=8)),
+            "preset": st.one_of(JUNK, st.sampled_from(["just-me", "team", "organization"])),
+            "operator": JUNK,
+            "hostname": ANY_HOST,
+            "enrollment_open": JUNK,
+            "requires_approval": JUNK,
+        },
+    ),
+    "local-join": st.fixed_dictionaries(
+        {},
+        optional={
+            "endpoint": st.one_of(JUNK, st.just("http://127.0.0.1:9")),
+            "invite": st.one_of(JUNK, st.text(max_size=120)),
+            "hostname": ANY_HOST,
+        },
     ),
 }
 MTLS_BODIES = {
