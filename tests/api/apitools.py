@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from koitest import PASSPHRASE, member_csr  # noqa: F401 - re-exported to the API tests
+from koitest import PASSPHRASE, loopback_config, member_csr  # noqa: F401 - re-exported
 
 from koi_tray.api.server import PREFIX, TOKEN_HEADER
 from koi_tray.certmesh import keystore
@@ -46,14 +46,7 @@ async def start_ca(
     hostname: str = "ca-host",
 ) -> Node:
     """Start a CA node on loopback ports picked by the OS, and create its mesh."""
-    config = NodeConfig(
-        data_dir=root,
-        hostname=hostname,
-        http_port=0,
-        mtls_port=0,
-        mtls_bind="127.0.0.1",
-        shutdown_timeout=5.0,
-    )
+    config = loopback_config(root, hostname, shutdown_timeout=5.0)
     node = Node(config, decider or deny_and_log_decider(), kdf=keystore.FAST_TEST_KDF)
     await node.start()
     try:

@@ -26,6 +26,7 @@ from apitools import (
     http_base,
     invite_code,
     join,
+    loopback_config,
     no_keyring,
     raw,
     snapshot,
@@ -50,14 +51,7 @@ from koi_tray.compose.renewal import member_pass
 
 
 def blank_config(root: Path, hostname: str = "fresh-node") -> NodeConfig:
-    return NodeConfig(
-        data_dir=root,
-        hostname=hostname,
-        http_port=0,
-        mtls_port=0,
-        mtls_bind="127.0.0.1",
-        shutdown_timeout=5.0,
-    )
+    return loopback_config(root, hostname, shutdown_timeout=5.0)
 
 
 @pytest_asyncio.fixture

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
-from koitest import member_csr
-
 from koi_tray.api.client import CaUnreachable
-from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest
-from koi_tray.certmesh.clock import Clock, ManualClock
-from koi_tray.certmesh.layout import DataDir
+from koi_tray.certmesh.ca import CertificateAuthority
+from koi_tray.certmesh.clock import ManualClock
 from koi_tray.certmesh.member import Membership
 
 OUTAGE = "connection refused (simulated outage)"
@@ -54,24 +50,6 @@ class DirectLink:
         leaf = self.membership.leaf()
         host = self.membership.state.hostname
         return self.ca.renew_member(host, leaf.fingerprint, host, csr_pem).to_json()
-
-
-def join_in_process(
-    ca: CertificateAuthority, root: Path, clock: Clock, host: str = "node-02"
-) -> Membership:
-    """Join `host` to `ca` without approval and install it in a member data dir at `root`."""
-    key, csr = member_csr(host)
-    pending = ca.check_join(JoinRequest(host, csr, ca.mint_invite(host).code, "127.0.0.1"))
-    return Membership.install_join(
-        DataDir(root),
-        clock,
-        key,
-        ca.finish_join(pending, None).to_json(),
-        ca_host="127.0.0.1",
-        ca_http_port=5641,
-        pinned_fingerprint=ca.ca_fingerprint,
-        sans=[host, f"{host}.local"],
-    )
 
 
 class Timer:

@@ -8,6 +8,7 @@ import json
 
 import aiohttp
 import pytest
+from koitest import loopback_config
 
 from koi_tray.api.client import fetch_json
 from koi_tray.certmesh import keystore
@@ -25,14 +26,7 @@ PASSPHRASE = "correct horse battery"
 
 
 def config_for(tmp_path, name="ca-host", kind="embedded") -> NodeConfig:
-    return NodeConfig(
-        data_dir=tmp_path / name,
-        hostname=name,
-        http_port=0,
-        mtls_port=0,
-        mtls_bind="127.0.0.1",
-        host_kind=kind,
-    )
+    return loopback_config(tmp_path / name, name, host_kind=kind)
 
 
 async def make_ca_node(tmp_path, decider, preset="team") -> Node:

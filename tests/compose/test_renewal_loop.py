@@ -17,8 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from composetools import OUTAGE, DirectLink, Timer, join_in_process, settle
-from koitest import START
+from composetools import OUTAGE, DirectLink, Timer, settle
+from koitest import START, join_in_process, loopback_config
 
 from koi_tray.certmesh import keystore
 from koi_tray.certmesh.clock import ManualClock
@@ -209,13 +209,7 @@ async def test_a_member_that_knows_it_is_revoked_never_renews(make_ca, clock, tm
 
 async def _ca_and_member(tmp_path: Path) -> tuple[Node, Node]:
     def config(name: str) -> NodeConfig:
-        return NodeConfig(
-            data_dir=tmp_path / name,
-            hostname=name,
-            http_port=0,
-            mtls_port=0,
-            mtls_bind="127.0.0.1",
-        )
+        return loopback_config(tmp_path / name, name)
 
     ca_node = Node(config("ca-host"), deny_and_log_decider(), kdf=keystore.FAST_TEST_KDF)
     await ca_node.start()

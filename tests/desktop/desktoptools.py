@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from koitest import loopback_config
+
 from koi_tray.certmesh import keystore
 from koi_tray.certmesh.approval import ApprovalRequest, Decider
 from koi_tray.compose.config import NodeConfig
@@ -161,13 +163,7 @@ def unconfigured_snapshot() -> NodeSnapshot:
 
 def node_config(root: Path, hostname: str) -> NodeConfig:
     """A node on loopback with OS-chosen ports."""
-    return NodeConfig(
-        data_dir=root / hostname,
-        hostname=hostname,
-        http_port=0,
-        mtls_port=0,
-        mtls_bind="127.0.0.1",
-    )
+    return loopback_config(root / hostname, hostname)
 
 
 async def start_node(root: Path, hostname: str, decider: Decider) -> Node:

@@ -15,14 +15,10 @@ from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from koitest import member_csr
-
 from koi_tray.api.client import CaUnreachable
 from koi_tray.certmesh import audit
-from koi_tray.certmesh.ca import CertificateAuthority, JoinRequest
-from koi_tray.certmesh.clock import Clock
+from koi_tray.certmesh.ca import CertificateAuthority
 from koi_tray.certmesh.errors import ERRORS_BY_CODE
-from koi_tray.certmesh.layout import DataDir
 from koi_tray.certmesh.member import Membership
 
 T = TypeVar("T")
@@ -168,21 +164,3 @@ class DirectLink:
         leaf = self.membership.leaf()
         host = self.membership.state.hostname
         return self.ca.renew_member(host, leaf.fingerprint, host, csr_pem).to_json()
-
-
-def join_in_process(
-    ca: CertificateAuthority, root: Path, clock: Clock, host: str = "node-02"
-) -> Membership:
-    """Join `host` to `ca` without approval and install it in a member data dir at `root`."""
-    key, csr = member_csr(host)
-    pending = ca.check_join(JoinRequest(host, csr, ca.mint_invite(host).code, "127.0.0.1"))
-    return Membership.install_join(
-        DataDir(root),
-        clock,
-        key,
-        ca.finish_join(pending, None).to_json(),
-        ca_host="127.0.0.1",
-        ca_http_port=5641,
-        pinned_fingerprint=ca.ca_fingerprint,
-        sans=[host, f"{host}.local"],
-    )

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from koitest import PASSPHRASE, member_csr
-from reltools import DirectLink, join_in_process
+from koitest import PASSPHRASE, join_in_process, member_csr
+from reltools import DirectLink
 
 from koi_tray.certmesh import keystore, pki
 from koi_tray.certmesh.ca import PRESETS, CertificateAuthority, JoinRequest
