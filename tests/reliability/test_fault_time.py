@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from koitest import START, member_csr
-from reltools import DirectLink, join_in_process
+from koitest import START, join_in_process, member_csr
+from reltools import DirectLink
 
 from koi_tray.certmesh.ca import JoinRequest
 from koi_tray.certmesh.clock import ManualClock
