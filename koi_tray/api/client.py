@@ -168,6 +168,8 @@ async def fetch_json_lines(
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise CaUnreachable(f"no answer from {url}: {exc or type(exc).__name__}") from exc
+    except ValueError as exc:  # aiohttp's "Line is too long"
+        raise CertmeshError(f"{url} answered with a malformed line: {exc}") from exc
     if last is None:
         raise CaUnreachable(f"{url} closed the connection without an answer")
     return last

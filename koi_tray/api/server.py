@@ -1,11 +1,11 @@
 """The node's two listeners: Koi's HTTP routes and the mTLS renewal port.
 
 The HTTP app carries `/v1/certmesh/*`: `join`, `status` and `trust-bundle` answer anyone;
-every other route needs the `x-koi-token` header. `create` and `local-join` (koi-tray's
-own) turn an unconfigured node into a CA or a member; they carry a passphrase or an
-invite, so they also refuse callers from other machines. The mTLS app carries `renew` and
-`health`; its TLS layer admits only client certificates chained to the mesh CA, and each
-handler takes the caller's identity (CN and leaf fingerprint) from the handshake.
+every other route needs the `x-koi-token` header and a caller on the node's own machine.
+`create` and `local-join` (koi-tray's own) turn an unconfigured node into a CA or a
+member. The mTLS app carries `renew` and `health`; its TLS layer admits only client
+certificates chained to the mesh CA, and each handler takes the caller's identity (CN
+and leaf fingerprint) from the handshake.
 
 Handlers hold no lock while a join waits for a person, and run signing and fsync work
 in the loop's executor, so status and bundle requests are answered meanwhile.
@@ -104,9 +104,15 @@ def _require_local(request: web.Request) -> None:
 
 
 def _require_token(request: web.Request, token: str) -> None:
+    """Admit a management call: the right token, from a program on this machine.
+
+    Only local programs can read the owner-only token file, so a caller elsewhere on the
+    LAN (where `--http-bind` exposes the port for joins) is refused even with it.
+    """
     given = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "replace")
     if not hmac.compare_digest(given, token.encode()):
         raise Unauthorized("Missing or invalid x-koi-token header")
+    _require_local(request)
 
 
 def _string(body: dict[str, object], key: str, required: bool = True) -> str | None:
@@ -273,7 +279,6 @@ def build_http_app(node: NodeService) -> web.Application:
     @routes.post(f"{PREFIX}/create")
     async def create(request: web.Request) -> web.Response:
         _require_token(request, node.token)
-        _require_local(request)
         body = await read_json_object(request)
         ca = await node.create_ca(
             _string(body, "passphrase") or "",
@@ -294,7 +299,6 @@ def build_http_app(node: NodeService) -> web.Application:
     @routes.post(f"{PREFIX}/local-join")
     async def local_join(request: web.Request) -> web.StreamResponse:
         _require_token(request, node.token)
-        _require_local(request)
         body = await read_json_object(request)
         endpoint = _string(body, "endpoint") or ""
         invite = _string(body, "invite") or ""

@@ -9,6 +9,7 @@ task cancelled at shutdown) refuses the join, releases the invite and is audited
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,24 @@ _COMMITS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certmesh-commit
 async def run_in_thread(func: Callable[..., T], *args: Any) -> T:
     """Run a blocking certmesh call in the loop's default executor."""
     return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+
+async def run_to_end(func: Callable[..., T], *args: Any) -> T:
+    """Run blocking work in the default executor and see it finish even if cancelled.
+
+    Work such as writing a new CA's files cannot be stopped half-way from the loop. A
+    task cancelled while it runs waits for it and then re-raises the cancellation, so
+    whatever the task releases afterwards (a lock, the data dir) is released once the
+    files are whole.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, func, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({future})
+        raise
 
 
 async def run_commit(func: Callable[..., T], *args: Any) -> T:
@@ -75,9 +94,8 @@ async def enroll(
         await run(ca.abandon_join, pending, "enroll_approval_timeout", detail)
         raise ApprovalTimeout(f"no one approved {request.hostname} in time") from None
     except asyncio.CancelledError:
-        ca.abandon_join(
-            pending, "enroll_approval_denied", "cancelled: the joining host hung up, or shutdown"
-        )
+        detail = "cancelled: the joining host hung up, or shutdown"
+        await run_to_end(ca.abandon_join, pending, "enroll_approval_denied", detail)
         raise
     except Exception as exc:
         log.debug("approval decider raised for %s", request.hostname, exc_info=True)
@@ -114,7 +132,22 @@ async def _checked(ca: CertificateAuthority, join: JoinRequest, run: Runner) -> 
         raise
 
 
+_ABANDONING: set[asyncio.Future[None]] = set()
+"""Refusals of joins whose task was already gone, running on the executor until done."""
+
+
 def _abandon_cancelled(ca: CertificateAuthority, checks: asyncio.Future[PendingJoin]) -> None:
     if checks.cancelled() or checks.exception() is not None:
         return
-    ca.abandon_join(checks.result(), "enroll_approval_denied", "cancelled: the joiner hung up")
+    pending = checks.result()
+    detail = "cancelled: the joiner hung up"
+    loop = asyncio.get_running_loop()
+    refusal = loop.run_in_executor(None, ca.abandon_join, pending, "enroll_approval_denied", detail)
+    _ABANDONING.add(refusal)
+    refusal.add_done_callback(lambda done: _abandoned(done, pending.request.hostname))
+
+
+def _abandoned(refusal: asyncio.Future[None], hostname: str) -> None:
+    _ABANDONING.discard(refusal)
+    if not refusal.cancelled() and refusal.exception() is not None:
+        log.warning("could not refuse the cancelled join of %s: %s", hostname, refusal.exception())

@@ -21,6 +21,7 @@ JSON body `{"error": code, "message": str(error)}`; the UI shows `str(error)`.
     ├── CaNotInitialized    503 ca_not_initialized
     ├── CaLocked            503 ca_locked
     ├── ApprovalUnavailable 503 approval_unavailable
+    ├── ShuttingDown        503 shutting_down
     ├── ApprovalTimeout     504 approval_timeout
     ├── RenewalFailed       500 renewal_failed      (member side)
     ├── BundleRejected      500 bundle_rejected     (member side, koi-tray)
@@ -136,6 +137,11 @@ class CorruptState(CertmeshError):
 class StorageError(CertmeshError):
     code = "io_error"
     http_status = 500
+
+
+class ShuttingDown(CertmeshError):
+    code = "shutting_down"
+    http_status = 503
 
 
 ERRORS_BY_CODE: dict[str, type[CertmeshError]] = {

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 from koi_tray.certmesh.errors import InvalidPayload
@@ -59,44 +60,47 @@ class HookResult:
 
 
 def run_reload_hook(command: str, timeout: float = DEFAULT_TIMEOUT) -> HookResult:
-    """Run a validated hook without a shell; never raises for the command's own failure."""
+    """Run a validated hook without a shell; never raises for the command's own failure.
+
+    Its output goes to a temporary file, not a pipe, so a service the hook starts in the
+    background (and which inherits the output) neither makes the hook look hung nor is
+    killed with it. Only a hook still running at the timeout is killed, with whatever it
+    started in its own session.
+    """
     argv = command.split()
-    try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "KOI_TRAY_HOOK": "1"},
-            start_new_session=os.name == "posix",
-        )
-    except OSError as exc:
-        log.warning("reload hook %r could not start: %s", command, exc)
-        return HookResult(command, False, str(exc))
+    with tempfile.TemporaryFile() as output:
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "KOI_TRAY_HOOK": "1"},
+                start_new_session=os.name == "posix",
+            )
+        except OSError as exc:
+            log.warning("reload hook %r could not start: %s", command, exc)
+            return HookResult(command, False, str(exc))
 
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_hook(process)
-        log.warning("reload hook %r did not finish within %g s and was killed", command, timeout)
-        return HookResult(command, False, f"timed out after {timeout:g} s")
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_hook(process)
+            log.warning("reload hook %r did not finish within %g s; killed", command, timeout)
+            return HookResult(command, False, f"timed out after {timeout:g} s")
 
-    output = (stdout + stderr).decode("utf-8", "replace").strip()[:MAX_OUTPUT]
+        output.seek(0)
+        text = output.read(MAX_OUTPUT * 4).decode("utf-8", "replace").strip()[:MAX_OUTPUT]
     if process.returncode != 0:
         log.warning("reload hook %r exited with %d", command, process.returncode)
-    return HookResult(command, process.returncode == 0, output)
+    return HookResult(command, process.returncode == 0, text)
 
 
 def _kill_hook(process: subprocess.Popen[bytes]) -> None:
-    """Kill a hook and, on POSIX, every process it started (its own session)."""
+    """Kill a hung hook and, on POSIX, every process still in its session."""
     if os.name == "posix":
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     else:
         process.kill()
-    try:
-        process.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        # A process that left the hook's session still holds its output pipes.
-        log.warning("reload hook pid %d left a process holding its output", process.pid)
-        process.wait()
+    process.wait()

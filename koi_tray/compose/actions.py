@@ -13,7 +13,7 @@ from koi_tray.api.client import HttpCaLink, parse_endpoint, prepare_join, send_j
 from koi_tray.certmesh import keystore
 from koi_tray.certmesh.ca import PRESETS, CertificateAuthority, Posture
 from koi_tray.certmesh.clock import Clock
-from koi_tray.certmesh.enrollment import run_in_thread
+from koi_tray.certmesh.enrollment import run_to_end
 from koi_tray.certmesh.errors import Conflict, InvalidPayload
 from koi_tray.certmesh.layout import DataDir
 from koi_tray.certmesh.member import Membership
@@ -82,7 +82,7 @@ async def join_mesh(
     plan = await prepare_join(endpoint, invite_code, hostname)
     on_code(plan.confirmation_code)
     answer = await send_join(plan)
-    return await run_in_thread(
+    return await run_to_end(
         lambda: Membership.install_join(
             data,
             clock,

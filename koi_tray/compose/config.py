@@ -50,7 +50,7 @@ def recorded_hostname(data_dir: Path) -> str | None:
     """
     data = DataDir(data_dir)
     state = _read_object(data.member_state)
-    if state is not None and isinstance(state.get("hostname"), str):
+    if state is not None and is_valid_hostname(state.get("hostname")):
         return str(state["hostname"])
     if not data.ca_key.exists():
         return None
@@ -59,10 +59,11 @@ def recorded_hostname(data_dir: Path) -> str | None:
     for member in members if isinstance(members, list) else []:
         if isinstance(member, dict) and member.get("role") == "primary":
             name = member.get("hostname")
-            if isinstance(name, str):
-                return name
+            if is_valid_hostname(name):
+                return str(name)
     try:
-        leaves = [p.name for p in data.certs.iterdir() if p.is_dir()]
+        # A leaf directory is named after its host; staging directories start with a dot.
+        leaves = [p.name for p in data.certs.iterdir() if p.is_dir() and is_valid_hostname(p.name)]
     except OSError:
         return None
     return leaves[0] if len(leaves) == 1 else None

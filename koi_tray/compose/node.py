@@ -16,8 +16,8 @@ import datetime as dt
 import logging
 import os
 import secrets
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -34,12 +34,13 @@ from koi_tray.certmesh.ca import (
     CertificateAuthority,
     JoinRequest,
     JoinResult,
+    Posture,
     not_initialized_status,
     require_ca,
 )
 from koi_tray.certmesh.clock import Clock, SystemClock
-from koi_tray.certmesh.enrollment import enroll, run_in_thread
-from koi_tray.certmesh.errors import CertmeshError, InvalidPayload, NotFound
+from koi_tray.certmesh.enrollment import enroll, run_in_thread, run_to_end
+from koi_tray.certmesh.errors import CertmeshError, InvalidPayload, NotFound, ShuttingDown
 from koi_tray.certmesh.files import PRIVATE_FILE, atomic_write, atomic_write_json
 from koi_tray.certmesh.hostnames import same_host
 from koi_tray.certmesh.layout import DataDir
@@ -62,15 +63,12 @@ from koi_tray.compose.status import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 LISTENER_CLOSE_TIMEOUT = 1.0
 """How long `shutdown` waits for each listener it closes after its own bound ran out."""
 
 LinkFactory = Callable[[Membership], CaLink]
-
-
-class ShuttingDown(CertmeshError):
-    code = "shutting_down"
-    http_status = 503
 
 
 def local_url(host: str, port: int) -> str:
@@ -125,6 +123,7 @@ class Node:
         self._stopping = False
         self._stopped: asyncio.Future[None] | None = None
         self._role_change = asyncio.Lock()  # one create or join at a time
+        self._role_changes: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -284,12 +283,12 @@ class Node:
 
     async def _stop_stages(self) -> None:
         await self.pump.close()
-        for task in self._tasks.values():
+        for task in [*self._tasks.values(), *self._role_changes]:
             task.cancel()
         for name, runner in list(self._runners.items()):
             await runner.cleanup()
             del self._runners[name]
-        waiting = [*self._tasks.values(), *self._chores]
+        waiting = [*self._tasks.values(), *self._chores, *self._role_changes]
         if waiting:
             await asyncio.wait(waiting)
 
@@ -414,22 +413,31 @@ class Node:
             Conflict: This node already is a CA or a member.
             InvalidPayload: Unknown preset, weak passphrase, bad hostname, or approval
                 required without an operator.
+            ShuttingDown: The node is stopping.
         """
         posture = actions.posture_for(preset, **overrides)
         name = hostname or self.config.hostname
-        async with self._role_change:
-            self.ca = await run_in_thread(
-                actions.create_ca,
-                self.data,
-                name,
-                passphrase,
-                posture,
-                operator,
-                self.clock,
-                self.kdf,
-            )
+        return await self._change_role(self._become_ca(passphrase, posture, operator, name))
+
+    async def _become_ca(
+        self, passphrase: str, posture: Posture, operator: str | None, name: str
+    ) -> CertificateAuthority:
+        self.ca = await run_to_end(
+            actions.create_ca,
+            self.data,
+            name,
+            passphrase,
+            posture,
+            operator,
+            self.clock,
+            self.kdf,
+        )
         self._adopt_hostname(name)
-        await self._ensure_mtls()
+        try:
+            await self._ensure_mtls()
+        except CertmeshError as exc:
+            # The CA exists now; refusing the create would only make a retry a conflict.
+            log.error("CA %s created, but its mTLS port cannot start: %s", name, exc)
         self.renewal.wake()
         self.status.refresh()
         return self.ca
@@ -449,12 +457,17 @@ class Node:
         Raises:
             Conflict: This node already is a CA or a member.
             CertmeshError: The CA's refusal, or CaUnreachable.
+            ShuttingDown: The node is stopping.
         """
         name = hostname or self.config.hostname
-        async with self._role_change:
-            self.membership = await actions.join_mesh(
-                self.data, name, endpoint, invite, self.clock, on_code
-            )
+        return await self._change_role(self._become_member(endpoint, invite, on_code, name))
+
+    async def _become_member(
+        self, endpoint: str, invite: str, on_code: Callable[[str], None], name: str
+    ) -> Membership:
+        self.membership = await actions.join_mesh(
+            self.data, name, endpoint, invite, self.clock, on_code
+        )
         self._adopt_hostname(self.membership.state.hostname)
         await self._reload_leaf()
         if self.data.breadcrumb.exists() and "http" in self._addresses:
@@ -462,6 +475,35 @@ class Node:
         self.renewal.wake()
         self.status.refresh()
         return self.membership
+
+    async def _change_role(self, change: Coroutine[Any, Any, T]) -> T:
+        """Run a create or a join to its end, one at a time, whoever waits for it.
+
+        The change runs as a task the node owns: a caller that gives up (an HTTP client
+        hanging up, Ctrl-C in the CLI) cannot leave it half done with the node unaware of
+        its new role. Shutdown cancels it: a join still waiting for its CA stops there,
+        and files being written are finished first (`run_to_end`).
+        """
+        if self._stopping:
+            change.close()
+            raise ShuttingDown(f"node {self.config.hostname} is shutting down")
+
+        async def one_at_a_time() -> T:
+            async with self._role_change:
+                if self._stopping:
+                    change.close()
+                    raise ShuttingDown(f"node {self.config.hostname} is shutting down")
+                return await change
+
+        task = asyncio.ensure_future(one_at_a_time())
+        self._role_changes.add(task)
+        task.add_done_callback(self._role_change_done)
+        return await asyncio.shield(task)
+
+    def _role_change_done(self, task: asyncio.Future[Any]) -> None:
+        self._role_changes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("create or join ended with %r", task.exception())
 
     # -- renewal plumbing ---------------------------------------------------------------------
 

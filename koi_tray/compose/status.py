@@ -155,14 +155,17 @@ class NodeSnapshot:
         """The leaf is due, a pass has run since, and none renewed it: renewal is failing.
 
         A leaf that merely fell due waits for its next pass (within the hour) and is not
-        overdue; neither is one whose renewal already succeeded but is not reloaded yet.
+        overdue, unless the renewal loop has stopped; neither is one whose renewal already
+        succeeded but is not reloaded yet.
         """
         leaf, view = self.leaf, self.renewal
-        if leaf is None or leaf.due_at > self.taken_at or view.last_check_at is None:
+        if leaf is None or leaf.due_at > self.taken_at:
             return False
         if view.last_renewed_at is not None and view.last_renewed_at >= leaf.due_at:
             return False
-        return view.last_check_at >= leaf.due_at
+        if view.loop_stopped:
+            return True  # no pass will come: a due leaf is overdue at once
+        return view.last_check_at is not None and view.last_check_at >= leaf.due_at
 
     @property
     def summary(self) -> str:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from koi_tray.certmesh.errors import CertmeshError
 from koi_tray.certmesh.layout import DataDir
 from koi_tray.certmesh.member import DEFAULT_HTTP_PORT, DEFAULT_MTLS_PORT
-from koi_tray.compose.config import NodeConfig, default_hostname
+from koi_tray.compose.config import NodeConfig
 from koi_tray.compose.lock import NodeAlreadyRunning, is_locked
 from koi_tray.desktop import logs
 
@@ -280,11 +280,11 @@ def login_arguments(config: NodeConfig, backend: str) -> list[str]:
     """The options after `--data-dir` that make the login session start this same node.
 
     Only options that differ from the CLI's defaults are carried, so an entry for a
-    plain `koi-tray` stays plain: `--hostname`, then `tray` with `--tray`, the binds and
-    the ports. A CA started with `--http-bind 0.0.0.0` to take joins from the LAN comes
-    back bound the same way after a reboot.
+    plain `koi-tray` stays plain: `tray` with `--tray`, the binds and the ports. A CA
+    started with `--http-bind 0.0.0.0` to take joins from the LAN comes back bound the
+    same way after a reboot. The hostname is left out: the data dir records it at create
+    or join, and a stale `--hostname` in the entry would make the login start refuse.
     """
-    args = [] if config.hostname == default_hostname() else ["--hostname", config.hostname]
     tray: list[str] = [] if backend == "qt" else ["--tray", backend]
     for option, value, default in (
         ("--http-bind", config.http_bind, "127.0.0.1"),
@@ -294,4 +294,4 @@ def login_arguments(config: NodeConfig, backend: str) -> list[str]:
     ):
         if value != default:
             tray += [option, str(value)]
-    return [*args, "tray", *tray] if tray else args
+    return ["tray", *tray] if tray else []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -93,6 +95,25 @@ def test_a_timed_out_hook_takes_the_processes_it_started_with_it(tmp_path: Path)
             break
         time.sleep(0.02)
     assert not _alive(child), "the hook's background child outlived the timeout"
+
+
+def test_a_hook_that_starts_a_service_returns_and_leaves_it_running(tmp_path: Path):
+    script = tmp_path / "reload.sh"
+    pid_file = tmp_path / "service.pid"
+    script.write_text(f"#!/bin/sh\n/bin/sleep 30 &\necho $! > {pid_file}\necho started\n")
+    script.chmod(0o700)
+
+    started = time.monotonic()
+    result = run_reload_hook(str(script), timeout=5)
+    took = time.monotonic() - started
+
+    service = int(pid_file.read_text())
+    try:
+        assert result.success is True and result.output == "started"
+        assert took < 3, "the hook was held up by the service it started"
+        assert _alive(service), "the service the hook started was killed"
+    finally:
+        os.kill(service, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

@@ -30,6 +30,7 @@ KOI_STATUSES = {
     "io_error": 500,
     "internal": 500,
     "unauthorized": 401,
+    "shutting_down": 503,
 }
 KOI_TRAY_STATUSES = {"payload_too_large": 413, "bundle_rejected": 500, "corrupt_state": 500}
 

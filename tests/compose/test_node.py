@@ -14,7 +14,7 @@ from koi_tray.api.client import fetch_json
 from koi_tray.certmesh import keystore
 from koi_tray.certmesh.approval import Approved
 from koi_tray.certmesh.ca import PRESETS, CertificateAuthority
-from koi_tray.certmesh.errors import ApprovalDenied, ApprovalTimeout
+from koi_tray.certmesh.errors import ApprovalDenied, ApprovalTimeout, ShuttingDown
 from koi_tray.certmesh.layout import DataDir
 from koi_tray.compose import hosts
 from koi_tray.compose.config import NodeConfig
@@ -325,4 +325,57 @@ async def test_a_node_takes_one_role_when_asked_twice_at_once(tmp_path):
         assert not ca_node.ca.roster.is_enrolled("node-02")
     finally:
         await node.shutdown()
+        await ca_node.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_create_whose_caller_gives_up_still_makes_the_node_a_ca(tmp_path):
+    node = Node(config_for(tmp_path), deny_and_log_decider(), kdf=keystore.FAST_TEST_KDF)
+    await node.start()
+    try:
+        caller = asyncio.ensure_future(node.create_ca("correct horse battery", "team", "Alice"))
+        await asyncio.sleep(0.01)
+        caller.cancel()  # the HTTP client hung up, or Ctrl-C in the CLI
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
+        for _ in range(200):
+            if node.role == "ca" and "mtls" in node.describe()["servers"]:
+                break
+            await asyncio.sleep(0.02)
+        assert node.role == "ca"
+        assert "mtls" in node.describe()["servers"]
+    finally:
+        await node.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_shutdown_stops_a_join_still_waiting_for_its_ca(tmp_path):
+    asked = asyncio.Event()
+
+    async def never_decides(request):
+        asked.set()
+        await asyncio.Event().wait()
+
+    ca_node = await make_ca_node(tmp_path, never_decides, preset="team")
+    member = Node(config_for(tmp_path, "node-02"), deny_and_log_decider())
+    await member.start()
+    invite = ca_node.ca.mint_invite("node-02")
+    url = f"http://127.0.0.1:{ca_node.address('http')[1]}"
+    try:
+        joining = asyncio.ensure_future(member.join_mesh(url, invite.code, lambda code: None))
+        await asyncio.wait_for(asked.wait(), 10)
+
+        began = asyncio.get_running_loop().time()
+        await member.shutdown()
+        took = asyncio.get_running_loop().time() - began
+
+        with pytest.raises(asyncio.CancelledError):
+            await joining
+        assert took < 5, f"shutdown waited {took:.1f} s for the join"
+        assert not member.data.member_state.exists()
+        with pytest.raises(ShuttingDown):
+            await member.join_mesh(url, invite.code, lambda code: None)
+    finally:
+        await member.shutdown()
         await ca_node.shutdown()

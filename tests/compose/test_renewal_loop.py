@@ -8,6 +8,7 @@ clock must travel and over loopback HTTP and mTLS where it need not.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import itertools
 import logging
@@ -408,6 +409,27 @@ def _member_snapshot(days_left: float, reachable: bool):
 )
 def test_an_unreachable_ca_looks_offline_only_until_the_leaf_is_due(days_left, reachable, health):
     assert _member_snapshot(days_left, reachable).health == health
+
+
+def test_a_stopped_loop_warns_of_expiry_as_soon_as_the_leaf_is_due():
+    healthy = _member_snapshot(31, True)
+    due = _member_snapshot(29, True)
+    stopped = dataclasses.replace(
+        due,
+        renewal=dataclasses.replace(
+            due.renewal,
+            last_check_at=START - 3 * DAY,  # the last pass ran before the leaf fell due
+            last_renewed_at=START - 61 * DAY,
+            loop_stopped=True,
+        ),
+    )
+
+    from koi_tray.compose.status import alerts_between
+
+    alerts = alerts_between(dataclasses.replace(healthy, renewal=stopped.renewal), stopped)
+
+    assert stopped.renewal_overdue
+    assert [(a.kind, a.title) for a in alerts] == [("expiring", "Certificate expires in 29 day(s)")]
 
 
 @pytest.mark.asyncio

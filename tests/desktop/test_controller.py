@@ -94,9 +94,8 @@ def test_login_arguments_carry_only_what_differs_from_the_defaults() -> None:
     assert app.login_arguments(plain, "qt") == []
     assert app.login_arguments(plain, "pystray") == ["tray", "--tray", "pystray"]
     assert app.login_arguments(custom, "qt") == [
-        *("--hostname", "nas", "tray"),
-        *("--http-port", "6000", "--mtls-bind", "10.0.0.2"),
-    ]
+        *("tray", "--http-port", "6000", "--mtls-bind", "10.0.0.2"),
+    ], "the hostname is the data dir's to record, not the login entry's"
 
 
 def test_only_the_platform_default_data_dir_is_left_out(
