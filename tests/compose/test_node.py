@@ -295,6 +295,10 @@ async def test_a_joiner_hanging_up_cancels_its_approval_and_keeps_the_invite(tmp
         posting.cancel()
         await asyncio.gather(posting, return_exceptions=True)
     await asyncio.wait_for(withdrawn.wait(), 5)
+    for _ in range(250):  # the refusal is written on a worker thread, just after
+        if ca_node.ca.audit.events()[-1][1] != "invite_minted":
+            break
+        await asyncio.sleep(0.02)
 
     last = ca_node.ca.audit.events()[-1]
     assert last[1] == "enroll_approval_denied" and "hung up" in last[2]["detail"]
