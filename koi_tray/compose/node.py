@@ -484,9 +484,6 @@ class Node:
         its new role. Shutdown cancels it: a join still waiting for its CA stops there,
         and files being written are finished first (`run_to_end`).
         """
-        if self._stopping:
-            change.close()
-            raise ShuttingDown(f"node {self.config.hostname} is shutting down")
 
         async def one_at_a_time() -> T:
             async with self._role_change:

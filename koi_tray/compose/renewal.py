@@ -348,7 +348,6 @@ async def _renew(
     now: dt.datetime,
     hook_timeout: float,
 ) -> PassResult:
-    host = membership.state.hostname
     request = new_renewal_request(membership.state)
     try:
         answer = await link.renew(request.csr_pem)
@@ -370,8 +369,7 @@ async def _renew(
     detail = ""
     if membership.state.reload_hook:
         hook = await run_in_thread(run_reload_hook, membership.state.reload_hook, hook_timeout)
-        if not hook.success:
-            log.warning("renewed %s but its reload hook failed: %s", host, hook.output)
+        if not hook.success:  # run_reload_hook has logged it
             detail = f"renewed, but the reload hook failed: {hook.output[:HOOK_OUTPUT_SHOWN]}"
     return bundle.result(now, "renewed", detail, expires=cert.not_valid_after_utc, hook=hook)
 
@@ -456,6 +454,9 @@ class RenewalLoop:
                 await run_in_thread(self.record.save)
             except CertmeshError as exc:
                 log.warning("could not save the renewal record %s: %s", self.record.path, exc)
+        self._tell(result)
+
+    def _tell(self, result: PassResult) -> None:
         try:
             self._on_result(result)
         except Exception:
@@ -534,10 +535,7 @@ class RenewalLoop:
         log.debug("renewal loop traceback", exc_info=exc)
         self.record.add(PassResult(self.clock.now(), "failed", f"renewal loop stopped: {exc!r}"))
         self.record.mark_stopped()
-        try:
-            self._on_result(self.record.history[-1])
-        except Exception:
-            log.exception("a renewal result subscriber failed")
+        self._tell(self.record.history[-1])
 
     def wake(self) -> None:
         """Make the sleeping loop run its next pass now."""

@@ -315,7 +315,7 @@ class TrayController(QObject):
         if outcome == "renewed":
             until = str(result.get("expires", "?"))[:10]
             self.notify("Certificate renewed", f"The certificate is valid until {until}.")
-        elif outcome == "failed" and node.renewal.record.view.consecutive_failures > 1:
+        elif outcome == "failed" and node.status.snapshot.renewal.consecutive_failures > 1:
             # The first failure is announced by the status alert; later ones only here.
             self.notify("Renewal failed again", str(result.get("detail", "")), urgent=True)
         elif outcome not in ("renewed", "failed"):
